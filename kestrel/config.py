@@ -20,8 +20,9 @@ class ModelConfig:
     tokenizer: str | None = None  # tokenizer folder; defaults to `model`
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda
+    attention_backend: str = "auto"  # auto (triton on GPU, reference on CPU) | triton | reference
     max_model_len: int | None = None  # prompt + output cap; None = config's max_position_embeddings
-    seed: int = 0  # seed of the global sampling generator (requests may carry their own)
+    global_seed: int = 0  # seeds sampling of requests that carry no seed of their own
     # Use generation_config.json sampling defaults (temperature, top_p, top_k, ...) when the user
     # does not pass SamplingParams; eos ids from it are always used.
     use_generation_config: bool = False
@@ -31,6 +32,10 @@ class ModelConfig:
             raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        if self.attention_backend not in ("auto", "triton", "reference"):
+            raise ValueError(
+                f"attention_backend must be auto, triton or reference, got {self.attention_backend!r}"
+            )
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
 
@@ -62,7 +67,6 @@ class SchedulerConfig:
     max_num_seqs: int = 256  # most requests in one step
     max_model_len: int = 0  # copied from ModelConfig by resolve()
     enable_chunked_prefill: bool = True  # split prompts longer than the remaining budget
-    policy: str = "fcfs"  # fcfs | priority (lower value runs first)
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1:
@@ -71,8 +75,6 @@ class SchedulerConfig:
             )
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
-        if self.policy not in ("fcfs", "priority"):
-            raise ValueError(f"policy must be fcfs or priority, got {self.policy!r}")
 
 
 _SUB_CONFIGS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}
@@ -141,10 +143,7 @@ def flat_fields() -> dict[str, dataclasses.Field]:
     out: dict[str, dataclasses.Field] = {}
     for cfg in _SUB_CONFIGS.values():
         for f in fields(cfg):
-            if f.name not in ("model",) or cfg is ModelConfig:
-                out.setdefault(f.name, f)
-    out.pop("max_model_len", None)
-    out["max_model_len"] = next(f for f in fields(ModelConfig) if f.name == "max_model_len")
+            out.setdefault(f.name, f)  # NOTE: max_model_len is ModelConfig's (listed first)
     return out
 
 

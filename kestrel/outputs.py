@@ -61,6 +61,9 @@ class CompletionOutput:
     logprobs: SampleLogprobs | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
     stop_reason: int | str | None = None  # the stop string or token id that ended it
+    # Text added since the previous RequestOutput of this request; while running it holds
+    # back what could still become a stop string (what a stream should send).
+    delta_text: str = ""
 
     @property
     def finished(self) -> bool:

@@ -1,0 +1,253 @@
+"""Paged decode attention: one query token per request, split-KV ("flash-decoding").
+
+Owns the decode kernel and the choice of how many KV splits to use. Each program handles one
+(request, kv head, split): the GQA group of query heads that share that kv head is packed into
+the rows of one tile, so every K/V byte is read once per step. Splits write partial
+(out, lse) that `merge_states` combines; with one split the kernel writes the output directly.
+Must not write the KV cache (kv_store does) or handle queries longer than one token.
+
+Split layout for one request of seq_len tokens, tokens_per_split = S (a multiple of BLOCK_N):
+
+    keys:   [0 ...... S)[S ..... 2S)[2S .. seq_len)   [empty splits: lse = -inf]
+    split:        0           1            2                  3 ... num_splits-1
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from kestrel.kernels.attention.merge_states import merge_states
+from kestrel.kernels.utils import (
+    cdiv,
+    check_dtype,
+    check_last_dim_contiguous,
+    is_interpreter,
+    next_power_of_2,
+    num_sms,
+)
+
+_LOG2E = 1.4426950408889634
+
+
+class DecodeConfig(NamedTuple):
+    block_n: int  # keys per inner tile
+    num_warps: int
+    num_stages: int
+
+
+@triton.jit
+def _decode_kernel(
+    # pointers
+    q_ptr,
+    cache_ptr,
+    block_table_ptr,
+    seq_lens_ptr,
+    out_ptr,
+    lse_ptr,
+    # sizes
+    qk_scale,
+    tokens_per_split,
+    # strides
+    stride_q_tok,
+    stride_q_head,
+    stride_c_kv,
+    stride_c_block,
+    stride_c_slot,
+    stride_c_head,
+    stride_bt_req,
+    stride_o_tok,
+    stride_o_head,
+    stride_o_split,
+    stride_l_tok,
+    stride_l_head,
+    stride_l_split,
+    # meta
+    GROUP: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+):
+    req = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    heads = kv_head * GROUP + offs_g  # [BLOCK_G] query heads of this kv head
+    g_mask = offs_g < GROUP
+    d_mask = offs_d < HEAD_DIM
+    lse_ptrs = lse_ptr + req * stride_l_tok + heads * stride_l_head + split * stride_l_split
+
+    seq_len = tl.load(seq_lens_ptr + req)
+    start = split * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, seq_len)
+    out_ptrs = (
+        out_ptr
+        + req * stride_o_tok
+        + heads[:, None] * stride_o_head
+        + split * stride_o_split
+        + offs_d[None, :]
+    )
+    out_mask = g_mask[:, None] & d_mask[None, :]
+    if start >= end:
+        # Empty split (or a padded request with seq_len 0): out = 0, lse = -inf.
+        tl.store(out_ptrs, tl.zeros([BLOCK_G, BLOCK_D], out_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(lse_ptrs, tl.full([BLOCK_G], float("-inf"), tl.float32), mask=g_mask)
+        return
+
+    q = tl.load(
+        q_ptr + req * stride_q_tok + heads[:, None] * stride_q_head + offs_d[None, :],
+        mask=g_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )  # [BLOCK_G, BLOCK_D]
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    bt_row = block_table_ptr + req * stride_bt_req
+    head_off = kv_head * stride_c_head
+
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < end
+        block = tl.load(bt_row + offs_n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
+        row_off = block * stride_c_block + (offs_n % PAGE_SIZE) * stride_c_slot + head_off
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(cache_ptr + row_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_G, BLOCK_N], log2 units
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(
+            cache_ptr + stride_c_kv + row_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0
+        )
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    out = acc / l_i[:, None]
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
+    # lse in natural log: m_i and log2(l_i) are in log2 units.
+    tl.store(lse_ptrs, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=g_mask)
+
+
+def default_decode_config(device: torch.device, head_dim: int) -> DecodeConfig:
+    if is_interpreter(device):
+        return DecodeConfig(block_n=16, num_warps=4, num_stages=1)
+    return DecodeConfig(block_n=64, num_warps=4, num_stages=3)
+
+
+def choose_num_splits(
+    num_reqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device, block_n: int = 64
+) -> int:
+    """Splits per request so the grid fills the GPU without making splits tiny.
+
+    Aims at about four programs per SM, keeps at least 256 keys per split, at most 64 splits.
+    """
+    programs = max(num_reqs * num_kv_heads, 1)
+    target = 4 * num_sms(device)
+    splits = cdiv(target, programs)
+    splits = min(splits, cdiv(max_seq_len, max(256, block_n)), 64)
+    return max(splits, 1)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    max_seq_len: int,
+    scale: float,
+    num_splits: int | None = None,
+    out: torch.Tensor | None = None,
+    config: DecodeConfig | None = None,
+) -> torch.Tensor:
+    """Attention of one new query per request over its paged context (keys 0..seq_len-1).
+
+    Args:
+        q: [num_reqs, num_q_heads, head_dim], head_dim contiguous; row r is request r.
+        kv_cache: [2, num_blocks, block_size, num_kv_heads, head_dim], head_dim contiguous,
+            already holding this step's keys/values.
+        block_table: [num_reqs, max_blocks_per_req] int32.
+        seq_lens: [num_reqs] int32, context length incl. the query token (0 gives out = 0).
+        max_seq_len: host upper bound of seq_lens, used only to pick num_splits.
+        scale: softmax scale.
+        num_splits: KV splits per request (fixed for CUDA graphs); default from batch shape.
+        out: optional [num_reqs, num_q_heads, head_dim] output buffer.
+
+    Returns:
+        [num_reqs, num_q_heads, head_dim] in q.dtype.
+    """
+    num_reqs, num_q_heads, head_dim = q.shape
+    _, _, page_size, num_kv_heads, cache_head_dim = kv_cache.shape
+    assert kv_cache.shape[0] == 2 and cache_head_dim == head_dim, f"kv_cache {kv_cache.shape}"
+    assert num_q_heads % num_kv_heads == 0, f"{num_q_heads} q heads vs {num_kv_heads} kv heads"
+    assert block_table.dim() == 2 and block_table.shape[0] == num_reqs
+    assert seq_lens.shape == (num_reqs,)
+    for name, t in (("q", q), ("kv_cache", kv_cache)):
+        check_dtype(name, t)
+        check_last_dim_contiguous(name, t)
+    assert block_table.stride(1) == 1
+    if out is None:
+        out = torch.empty_like(q)
+    assert out.shape == q.shape
+    check_last_dim_contiguous("out", out)
+    if num_reqs == 0:
+        return out
+
+    cfg = config or default_decode_config(q.device, head_dim)
+    if num_splits is None:
+        num_splits = choose_num_splits(num_reqs, num_kv_heads, max_seq_len, q.device, cfg.block_n)
+    tokens_per_split = cdiv(cdiv(max(max_seq_len, 1), num_splits), cfg.block_n) * cfg.block_n
+    group = num_q_heads // num_kv_heads
+    lse = torch.empty(num_reqs, num_q_heads, num_splits, dtype=torch.float32, device=q.device)
+    if num_splits == 1:
+        dst, dst_split_stride = out, 0  # [num_reqs, num_q_heads, head_dim], written directly
+    else:
+        # [num_reqs, num_q_heads, num_splits, head_dim] float32 partials
+        dst = torch.empty(
+            num_reqs, num_q_heads, num_splits, head_dim, dtype=torch.float32, device=q.device
+        )
+        dst_split_stride = dst.stride(2)
+
+    grid = (num_reqs, num_kv_heads, num_splits)
+    _decode_kernel[grid](
+        q,
+        kv_cache,
+        block_table,
+        seq_lens,
+        dst,
+        lse,
+        scale * _LOG2E,
+        tokens_per_split,
+        q.stride(0),
+        q.stride(1),
+        kv_cache.stride(0),
+        kv_cache.stride(1),
+        kv_cache.stride(2),
+        kv_cache.stride(3),
+        block_table.stride(0),
+        dst.stride(0),
+        dst.stride(1),
+        dst_split_stride,
+        lse.stride(0),
+        lse.stride(1),
+        lse.stride(2),
+        GROUP=group,
+        BLOCK_G=max(16, next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        BLOCK_D=next_power_of_2(head_dim),
+        BLOCK_N=cfg.block_n,
+        PAGE_SIZE=page_size,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    if num_splits > 1:
+        merge_states(dst, lse, out=out)
+    return out

@@ -1,0 +1,107 @@
+"""Linear layers whose parameters know how to load themselves from checkpoint tensors.
+
+Owns weight/bias allocation and each parameter's `weight_loader`, including the packing of
+several checkpoint tensors (q/k/v, gate/up) into one merged matrix so one GEMM replaces
+several. Must not read files or know checkpoint names; the loader maps names to parameters.
+
+Every parameter carries `param.weight_loader(param, loaded_weight, shard_id=None)`.
+Packed layers also expose `shard_ids` (the shard names a full load must visit).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def default_weight_loader(
+    param: nn.Parameter, loaded: torch.Tensor, shard_id: str | int | None = None
+) -> None:
+    """Copy a whole tensor into `param` (dtype cast included); shapes must match exactly."""
+    if shard_id is not None:
+        raise ValueError(f"parameter of shape {tuple(param.shape)} is not packed")
+    if param.shape != loaded.shape:
+        raise ValueError(
+            f"shape mismatch: checkpoint {tuple(loaded.shape)} vs model {tuple(param.shape)}"
+        )
+    param.data.copy_(loaded)
+
+
+class LinearBase(nn.Module):
+    """y = x W^T (+ b). Output rows may be split into named shards (`_shard_slices`)."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool) -> None:
+        super().__init__()
+        self.input_size = input_size
+        self.output_size = output_size
+        self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]
+        if bias:
+            self.bias: nn.Parameter | None = nn.Parameter(
+                torch.empty(output_size), requires_grad=False
+            )
+            self.bias.weight_loader = self.weight_loader  # type: ignore[attr-defined]
+        else:
+            self.register_parameter("bias", None)
+        # shard id -> (row offset, rows); empty for unpacked layers
+        self._shard_slices: dict[str | int, tuple[int, int]] = {}
+
+    @property
+    def shard_ids(self) -> list[str | int]:
+        return list(self._shard_slices)
+
+    def weight_loader(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | int | None = None
+    ) -> None:
+        if shard_id is None:
+            default_weight_loader(param, loaded)
+            return
+        if shard_id not in self._shard_slices:
+            raise ValueError(f"unknown shard {shard_id!r}; expected one of {self.shard_ids}")
+        offset, rows = self._shard_slices[shard_id]
+        target = param.data.narrow(0, offset, rows)
+        if target.shape != loaded.shape:
+            raise ValueError(
+                f"shape mismatch for shard {shard_id!r}: checkpoint {tuple(loaded.shape)} "
+                f"vs model {tuple(target.shape)}"
+            )
+        target.copy_(loaded)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class ReplicatedLinear(LinearBase):
+    """A plain linear layer loaded from one checkpoint tensor."""
+
+
+class MergedLinear(LinearBase):
+    """Several linear layers with the same input stacked along the output dim
+    (e.g. gate_proj and up_proj -> gate_up_proj). Shard i covers rows
+    sum(output_sizes[:i]) : sum(output_sizes[:i+1])."""
+
+    def __init__(self, input_size: int, output_sizes: Sequence[int], bias: bool) -> None:
+        super().__init__(input_size, sum(output_sizes), bias)
+        self.output_sizes = list(output_sizes)
+        offset = 0
+        for i, size in enumerate(output_sizes):
+            self._shard_slices[i] = (offset, size)
+            offset += size
+
+
+class QKVLinear(LinearBase):
+    """q, k and v projections in one matrix; output rows are laid out as
+
+        [ q: num_heads * head_dim | k: num_kv_heads * head_dim | v: num_kv_heads * head_dim ]
+    """
+
+    def __init__(
+        self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool
+    ) -> None:
+        q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        super().__init__(hidden_size, q_size + 2 * kv_size, bias)
+        self.q_size, self.kv_size = q_size, kv_size
+        self._shard_slices = {"q": (0, q_size), "k": (q_size, kv_size), "v": (q_size + kv_size, kv_size)}

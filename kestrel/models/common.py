@@ -1,0 +1,169 @@
+"""The shared pre-norm RoPE decoder that Llama, Mistral, Qwen2 and Qwen3 are built from.
+
+Owns the blocks (RopeAttention, GatedMLP, DecoderLayer, DecoderModel) and `DecoderForCausalLM`,
+the base class family files specialize with a `DecoderSpec`. Must not read checkpoints (the
+loader does) or build attention metadata (the runner does).
+
+Inputs are a flattened varlen batch: every tensor's first dim is the token dim of all requests
+of the step concatenated; there is no batch dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from kestrel.layers.activation import ACTIVATIONS
+from kestrel.layers.attention import Attention
+from kestrel.layers.embedding import LMHead, VocabEmbedding
+from kestrel.layers.linear import MergedLinear, QKVLinear, ReplicatedLinear
+from kestrel.layers.norm import RMSNorm
+from kestrel.layers.rotary import RotaryEmbedding, rope_parameters
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """The per-family switches of the shared decoder."""
+
+    qkv_bias: bool = False  # bias on q/k/v projections
+    o_bias: bool = False  # bias on the attention output projection
+    mlp_bias: bool = False  # bias on gate/up/down projections
+    qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3)
+
+
+def head_dim_of(cfg: Any) -> int:
+    return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+
+
+def num_kv_heads_of(cfg: Any) -> int:
+    return int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+
+
+class RopeAttention(nn.Module):
+    def __init__(self, cfg: Any, spec: DecoderSpec, rotary: RotaryEmbedding, layer_idx: int):
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = num_kv_heads_of(cfg)
+        self.head_dim = head_dim_of(cfg)
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = QKVLinear(
+            cfg.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads, spec.qkv_bias
+        )
+        self.o_proj = ReplicatedLinear(self.q_size, cfg.hidden_size, spec.o_bias)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if spec.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if spec.qk_norm else None
+        self.rotary = rotary
+        self.attn = Attention(
+            self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, layer_idx
+        )
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        qkv = self.qkv_proj(hidden)  # [T, q_size + 2 * kv_size]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, num_heads, head_dim]
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, num_kv_heads, head_dim]
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, num_kv_heads, head_dim]
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        return self.o_proj(self.attn(q, k, v))  # [T, hidden_size]
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)) with gate and up computed by one merged GEMM."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str, bias: bool):
+        super().__init__()
+        self.gate_up_proj = MergedLinear(hidden_size, [intermediate_size] * 2, bias)
+        self.down_proj = ReplicatedLinear(intermediate_size, hidden_size, bias)
+        self.act_fn = ACTIVATIONS.get(hidden_act)()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))  # [T, hidden_size]
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: Any, spec: DecoderSpec, rotary: RotaryEmbedding, layer_idx: int):
+        super().__init__()
+        self.self_attn = RopeAttention(cfg, spec, rotary, layer_idx)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, spec.mlp_bias)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(
+        self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (this layer's output delta, running residual); their sum is the layer output."""
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, cfg: Any, spec: DecoderSpec):
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size)
+        # One RoPE table shared by every layer (it can be large for long-context models).
+        rotary = RotaryEmbedding(
+            head_dim_of(cfg), cfg.max_position_embeddings, rope_parameters(cfg)
+        )
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, spec, rotary, i) for i in range(cfg.num_hidden_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)  # [T, hidden_size]
+        residual: torch.Tensor | None = None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden  # [T, hidden_size]
+
+
+class DecoderForCausalLM(nn.Module):
+    """Base of every family: `model` (the decoder stack) and `lm_head`, HF parameter names.
+
+    Subclasses set `decoder_spec(config)`. `packed_modules_mapping` tells the loader which
+    checkpoint projections are stored inside a merged parameter: checkpoint name fragment ->
+    (merged name fragment, shard id).
+    """
+
+    packed_modules_mapping: dict[str, tuple[str, str | int]] = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, config: Any):
+        super().__init__()
+        self.config = config
+        self.model = DecoderModel(config, self.decoder_spec(config))
+        tie = bool(getattr(config, "tie_word_embeddings", False))
+        self.lm_head = LMHead(
+            config.vocab_size, config.hidden_size, self.model.embed_tokens if tie else None
+        )
+
+    @classmethod
+    def decoder_spec(cls, config: Any) -> DecoderSpec:
+        raise NotImplementedError
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """input_ids, positions [num_tokens] -> final-normed hidden states [num_tokens, hidden]."""
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, hidden_size] -> float32 logits [N, vocab_size]."""
+        return self.lm_head(hidden)

@@ -1,0 +1,144 @@
+"""The runner's persistent per-request state and the flat varlen inputs built from it each step.
+
+Owns: token ids, block tables and sampling state of every request the runner holds, updated
+only from `SchedulerOutput` diffs, and the conversion of one step into model inputs and
+`AttentionMetadata`. Must not decide anything the scheduler decides.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from kestrel.attention.backend import AttentionMetadata
+from kestrel.sampling_params import SamplingParams
+from kestrel.scheduler.output import SchedulerOutput
+
+
+@dataclass
+class CachedRequestState:
+    req_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    sampling_params: SamplingParams
+    stop_token_ids: list[int]
+    block_ids: list[int]
+    num_computed_tokens: int
+    # Prompt logprobs are produced only on the first pass over the prompt.
+    wants_prompt_logprobs: bool = False
+    token_ids: list[int] = field(default_factory=list)  # prompt + output
+
+    def __post_init__(self) -> None:
+        self.token_ids = self.prompt_token_ids + self.output_token_ids
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor  # [num_tokens] int64
+    positions: torch.Tensor  # [num_tokens] int64
+    attn_metadata: AttentionMetadata
+    req_ids: list[str]  # batch order
+    # Rows of the flat batch whose logits are sampled from, one per sampling request.
+    sample_rows: list[int]
+    sample_req_ids: list[str]
+    # req_id -> (first row, number of rows, first target position) for prompt logprobs.
+    prompt_logprob_spans: dict[str, tuple[int, int, int]]
+
+
+class InputBatch:
+    def __init__(self, block_size: int, device: torch.device) -> None:
+        self.block_size = block_size
+        self.device = device
+        self.states: dict[str, CachedRequestState] = {}
+
+    def update(self, out: SchedulerOutput) -> None:
+        for rid in out.finished_req_ids:
+            self.states.pop(rid, None)
+        for new in out.scheduled_new_reqs:
+            self.states[new.req_id] = CachedRequestState(
+                req_id=new.req_id,
+                prompt_token_ids=list(new.prompt_token_ids),
+                output_token_ids=list(new.output_token_ids),
+                sampling_params=new.sampling_params,
+                stop_token_ids=list(new.stop_token_ids),
+                block_ids=list(new.block_ids),
+                num_computed_tokens=new.num_computed_tokens,
+                wants_prompt_logprobs=(
+                    new.sampling_params.prompt_logprobs is not None and not new.output_token_ids
+                ),
+            )
+        cached = out.scheduled_cached_reqs
+        for rid, blocks, num_computed in zip(
+            cached.req_ids, cached.new_block_ids, cached.num_computed_tokens
+        ):
+            state = self.states[rid]
+            state.block_ids.extend(blocks)
+            state.num_computed_tokens = num_computed
+
+    def prepare(self, out: SchedulerOutput) -> StepInputs:
+        """Flatten the scheduled tokens of all requests into one varlen batch.
+
+        Row layout (one request after another, batch order):
+            rows  [qsl[0] ... qsl[1]) [qsl[1] ... qsl[2]) ...
+            positions   nc0 .. nc0+n0-1   nc1 .. nc1+n1-1
+        where nc = tokens already in the cache and n = tokens scheduled now.
+        """
+        bs = self.block_size
+        req_ids = out.batch_req_ids()
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        qsl = [0]
+        seq_lens: list[int] = []
+        sample_rows: list[int] = []
+        sample_req_ids: list[str] = []
+        spans: dict[str, tuple[int, int, int]] = {}
+        for rid in req_ids:
+            state = self.states[rid]
+            n = out.num_scheduled_tokens[rid]
+            start = state.num_computed_tokens
+            end = start + n
+            assert end <= len(state.token_ids), (rid, end, len(state.token_ids))
+            assert len(state.block_ids) * bs >= end, (rid, len(state.block_ids), end)
+            ids.extend(state.token_ids[start:end])
+            positions = range(start, end)
+            pos.extend(positions)
+            blocks = state.block_ids
+            slots.extend(blocks[p // bs] * bs + p % bs for p in positions)
+            row0 = qsl[-1]
+            qsl.append(row0 + n)
+            seq_lens.append(end)
+            if end == len(state.token_ids):
+                sample_rows.append(row0 + n - 1)
+                sample_req_ids.append(rid)
+            if state.wants_prompt_logprobs:
+                # Row r predicts token r+1; the last prompt token predicts the first output.
+                num_prompt = len(state.prompt_token_ids)
+                rows = min(end, num_prompt - 1) - start
+                if rows > 0:
+                    spans[rid] = (row0, rows, start + 1)
+        max_blocks = max(len(self.states[r].block_ids) for r in req_ids)
+        table = [self.states[r].block_ids + [0] * (max_blocks - len(self.states[r].block_ids))
+                 for r in req_ids]
+        dev = self.device
+        meta = AttentionMetadata(
+            num_tokens=len(ids),
+            max_query_len=max(b - a for a, b in zip(qsl, qsl[1:])),
+            max_seq_len=max(seq_lens),
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            block_table=torch.tensor(table, dtype=torch.int32, device=dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            query_start_loc_cpu=qsl,
+            seq_lens_cpu=seq_lens,
+        )
+        return StepInputs(
+            input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
+            positions=torch.tensor(pos, dtype=torch.int64, device=dev),
+            attn_metadata=meta,
+            req_ids=req_ids,
+            sample_rows=sample_rows,
+            sample_req_ids=sample_req_ids,
+            prompt_logprob_spans=spans,
+        )

@@ -1,0 +1,210 @@
+"""ModelRunner: loads the model, owns the KV-cache tensors and executes one step.
+
+Owns: device, dtype, model weights, attention backend, KV tensors, the persistent input batch
+and sampling. Receives only `SchedulerOutput`, returns only `ModelOutput`. Must not make
+scheduling decisions or detokenize.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from kestrel.config import CacheConfig, ModelConfig, SchedulerConfig
+from kestrel.kv import memory
+from kestrel.models.loader import kv_cache_shape_info, load_hf_config, load_model
+from kestrel.outputs import ModelOutput, TokenLogprobs
+from kestrel.runner.forward_context import ForwardContext, set_forward_context
+from kestrel.runner.input_batch import CachedRequestState, InputBatch, StepInputs
+from kestrel.runner.sampler import (
+    Sampler,
+    SamplingBatch,
+    compute_prompt_logprobs,
+    make_generator,
+)
+from kestrel.scheduler.output import SchedulerOutput
+from kestrel.utils.math import cdiv
+
+logger = logging.getLogger("kestrel")
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelRunner:
+    def __init__(
+        self, model: ModelConfig, cache: CacheConfig, scheduler: SchedulerConfig
+    ) -> None:
+        self.model_config = model
+        self.cache_config = cache
+        self.scheduler_config = scheduler
+        self.device = torch.device(model.device)
+        self.dtype = TORCH_DTYPES[model.dtype]
+        torch.manual_seed(model.global_seed)  # the generator of requests without their own seed
+        t0 = time.perf_counter()
+        self.hf_config = load_hf_config(model.model)
+        self.model = load_model(model.model, self.hf_config, self.dtype, self.device)
+        self.vocab_size = int(self.hf_config.vocab_size)
+        logger.info("weights loaded in %.2f s", time.perf_counter() - t0)
+        self.num_layers, self.num_kv_heads, self.head_dim = kv_cache_shape_info(self.hf_config)
+        self.backend = _select_backend(model.attention_backend, self.device)
+        self.batch = InputBatch(cache.block_size, self.device)
+        self.sampler = Sampler()
+        self.kv_caches: list[torch.Tensor] = []
+
+    # ------------------------------------------------------------------ KV cache
+    def determine_num_blocks(self) -> int:
+        cache, sched = self.cache_config, self.scheduler_config
+        bs = cache.block_size
+        per_seq = cdiv(sched.max_model_len, bs)
+        block_bytes = memory.bytes_per_block(
+            self.num_layers, self.num_kv_heads, self.head_dim, bs, self.dtype
+        )
+        if cache.num_blocks is not None:
+            num_blocks = cache.num_blocks
+        else:
+            if cache.kv_cache_memory is not None:
+                budget = cache.kv_cache_memory
+            elif self.device.type == "cuda":
+                budget = self._profile_gpu_budget()
+            else:
+                budget = memory.CPU_DEFAULT_KV_BYTES
+            useful = sched.max_num_seqs * per_seq + 1
+            num_blocks = memory.num_blocks_for(budget, block_bytes, useful)
+        if num_blocks < per_seq:
+            raise ValueError(
+                f"the KV cache holds {num_blocks} blocks of {bs} tokens "
+                f"({num_blocks * bs} tokens) but max_model_len={sched.max_model_len} needs "
+                f"{per_seq}; lower max_model_len or raise kv_cache_memory / "
+                f"gpu_memory_utilization / num_blocks"
+            )
+        logger.info(
+            "KV cache: %d blocks x %d tokens (%.1f MiB)",
+            num_blocks, bs, num_blocks * block_bytes / 2**20,
+        )
+        return num_blocks
+
+    def _profile_gpu_budget(self) -> int:
+        """Run one forward at the largest step shape to measure peak activation memory."""
+        sched, bs = self.scheduler_config, self.cache_config.block_size
+        num_tokens = min(sched.max_num_batched_tokens, sched.max_model_len * sched.max_num_seqs)
+        num_blocks = cdiv(num_tokens, bs)
+        caches = memory.allocate_kv_caches(
+            self.num_layers, num_blocks, bs, self.num_kv_heads, self.head_dim, self.dtype,
+            self.device,
+        )
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        meta_batch = InputBatch(bs, self.device)
+        state = CachedRequestState(
+            req_id="profile", prompt_token_ids=[0] * num_tokens, output_token_ids=[],
+            sampling_params=None, stop_token_ids=[],  # type: ignore[arg-type]
+            block_ids=list(range(num_blocks)), num_computed_tokens=0,
+        )
+        meta_batch.states[state.req_id] = state
+        out = SchedulerOutput(num_scheduled_tokens={"profile": num_tokens},
+                              total_num_scheduled_tokens=num_tokens)
+        out.scheduled_cached_reqs.req_ids.append("profile")
+        inputs = meta_batch.prepare(out)
+        with torch.inference_mode(), set_forward_context(
+            ForwardContext(inputs.attn_metadata, caches, self.backend)
+        ):
+            hidden = self.model(inputs.input_ids, inputs.positions)
+            self.model.compute_logits(hidden[: sched.max_num_seqs])
+        torch.cuda.synchronize(self.device)
+        del caches, hidden
+        budget = memory.gpu_kv_budget(self.device, self.cache_config.gpu_memory_utilization)
+        torch.cuda.empty_cache()
+        return max(budget, 0)
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        self.kv_caches = memory.allocate_kv_caches(
+            self.num_layers, num_blocks, self.cache_config.block_size, self.num_kv_heads,
+            self.head_dim, self.dtype, self.device,
+        )
+
+    # ------------------------------------------------------------------ step
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> ModelOutput:
+        self.batch.update(out)
+        if out.total_num_scheduled_tokens == 0:
+            return ModelOutput()
+        inputs = self.batch.prepare(out)
+        ctx = ForwardContext(inputs.attn_metadata, self.kv_caches, self.backend)
+        with set_forward_context(ctx):
+            hidden = self.model(inputs.input_ids, inputs.positions)  # [num_tokens, hidden]
+        sampled, logprobs = self._sample(hidden, inputs)
+        prompt_logprobs = self._prompt_logprobs(hidden, inputs)
+        result = ModelOutput(req_ids=inputs.req_ids, prompt_logprobs=prompt_logprobs)
+        for rid in inputs.req_ids:
+            tokens = sampled.get(rid)
+            result.sampled_token_ids.append([tokens] if tokens is not None else [])
+            lp = logprobs.get(rid)
+            result.logprobs.append([lp] if lp is not None else None)
+        return result
+
+    def _sample(
+        self, hidden: torch.Tensor, inputs: StepInputs
+    ) -> tuple[dict[str, int], dict[str, TokenLogprobs]]:
+        if not inputs.sample_rows:
+            return {}, {}
+        rows = torch.tensor(inputs.sample_rows, device=self.device)
+        logits = self.model.compute_logits(hidden[rows])  # [num_sampling, vocab] float32
+        states = [self.batch.states[rid] for rid in inputs.sample_req_ids]
+        batch = SamplingBatch(
+            params=[s.sampling_params for s in states],
+            prompt_token_ids=[s.prompt_token_ids for s in states],
+            output_token_ids=[s.output_token_ids for s in states],
+            stop_token_ids=[s.stop_token_ids for s in states],
+            generators=[self._generator(s) for s in states],
+        )
+        out = self.sampler(logits, batch)
+        token_ids = out.sampled_token_ids.tolist()  # NOTE: the step's one host sync
+        sampled: dict[str, int] = {}
+        logprobs: dict[str, TokenLogprobs] = {}
+        for state, tok, lp in zip(states, token_ids, out.logprobs):
+            state.output_token_ids.append(tok)
+            state.token_ids.append(tok)
+            sampled[state.req_id] = tok
+            if lp is not None:
+                logprobs[state.req_id] = lp
+        return sampled, logprobs
+
+    def _generator(self, state: CachedRequestState) -> torch.Generator | None:
+        seed = state.sampling_params.seed
+        if seed is None:
+            return None
+        # NOTE: keyed by (seed, output position), so a seeded request draws the same noise
+        # whatever its batch and even when it is preempted and recomputed.
+        position = len(state.output_token_ids)
+        return make_generator((seed * 1_000_003 + position) % (2**63), self.device)
+
+    def _prompt_logprobs(
+        self, hidden: torch.Tensor, inputs: StepInputs
+    ) -> dict[str, list[TokenLogprobs]]:
+        result: dict[str, list[TokenLogprobs]] = {}
+        for rid, (row0, rows, first_pos) in inputs.prompt_logprob_spans.items():
+            state = self.batch.states[rid]
+            logits = self.model.compute_logits(hidden[row0 : row0 + rows])  # [rows, vocab]
+            targets = torch.tensor(
+                state.token_ids[first_pos : first_pos + rows], device=self.device
+            )
+            result[rid] = compute_prompt_logprobs(
+                logits, targets, state.sampling_params.prompt_logprobs or 0
+            )
+        return result
+
+
+def _select_backend(name: str, device: torch.device):
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "reference"
+    if name == "triton":
+        from kestrel.attention.triton_backend import TritonAttentionBackend
+
+        return TritonAttentionBackend()
+    if name == "reference":
+        from kestrel.attention.reference import ReferenceAttentionBackend
+
+        return ReferenceAttentionBackend()
+    raise ValueError(f"attention_backend must be auto, reference or triton, got {name!r}")

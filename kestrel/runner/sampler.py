@@ -1,0 +1,325 @@
+"""Token sampling for one step: logits processing, sampling and logprobs.
+
+Owns: turning a [batch, vocab] float32 logits tensor into one token id per row under that
+row's `SamplingParams` (logit bias, min_tokens, repetition / frequency / presence penalties,
+temperature, top-k, top-p, min-p, per-request seeded generators) and the logprobs of the raw
+distribution. Must not touch requests, the scheduler or the KV cache, and must not read device
+values on the host: sampled ids stay on the device and the caller does the one copy back.
+The exception is logprobs, which are host lists by contract and cost one extra copy, only in
+steps where some row asks for them.
+
+Processing order (each stage is skipped when no row of the batch needs it):
+
+    logit_bias -> mask stop ids below min_tokens -> repetition penalty -> frequency/presence
+    -> [greedy rows: argmax] -> / temperature -> top-k -> top-p -> min-p -> exponential race
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import chain
+
+import torch
+
+from kestrel.outputs import TokenLogprobs
+from kestrel.sampling_params import SamplingParams
+
+_NEG_INF = float("-inf")
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row sampling inputs; row i describes row i of the logits given to `Sampler`."""
+
+    params: list[SamplingParams]
+    prompt_token_ids: list[list[int]]
+    output_token_ids: list[list[int]]
+    # Ids that end the sequence; masked while len(output_token_ids[i]) < params[i].min_tokens.
+    stop_token_ids: list[list[int]]
+    # A row with a generator draws exactly one [vocab] noise vector from it per sample, so its
+    # tokens do not depend on the rest of the batch; None = the device's default generator.
+    generators: list[torch.Generator | None]
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+
+@dataclass
+class SamplerOutput:
+    sampled_token_ids: torch.Tensor  # [batch] int64, on the logits' device
+    # Per row: TokenLogprobs (chosen token, then the top-`params.logprobs` tokens, values from
+    # the raw log_softmax) when params.logprobs is set, else None.
+    logprobs: list[TokenLogprobs | None]
+
+
+def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
+    """A generator on `device` seeded with `seed` (any Python int; folded to 64 bits)."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)
+    return generator
+
+
+class Sampler:
+    """Stateless; per-request state (generators, token history) lives in `SamplingBatch`."""
+
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        assert logits.dim() == 2 and logits.shape[0] == len(batch), (logits.shape, len(batch))
+        logits = logits.float()  # [batch, vocab]; no copy when already float32
+        num_rows, vocab = logits.shape
+        if num_rows == 0:
+            empty = torch.empty(0, dtype=torch.int64, device=logits.device)
+            return SamplerOutput(empty, [])
+        plan = _Plan(batch, vocab)
+        raw = logits  # logprobs are reported on the unprocessed distribution
+        logits = _apply_token_rules(logits, batch, plan)
+        logits = _apply_penalties(logits, batch, plan)
+        if plan.all_greedy:
+            sampled = logits.argmax(dim=-1)
+        else:
+            sampled = _sample_random(logits, batch, plan)
+            if plan.any_greedy:
+                greedy = _to_device(plan.greedy, torch.bool, logits.device)
+                sampled = torch.where(greedy, logits.argmax(dim=-1), sampled)
+        logprobs: list[TokenLogprobs | None] = [None] * num_rows
+        if plan.logprob_rows:
+            _fill_sample_logprobs(logprobs, raw, sampled, batch, plan.logprob_rows)
+        return SamplerOutput(sampled, logprobs)
+
+
+class _Plan:
+    """Host-side summary of which stages the batch needs (one pass over the params)."""
+
+    def __init__(self, batch: SamplingBatch, vocab: int) -> None:
+        params = batch.params
+        self.greedy = [p.greedy for p in params]
+        self.all_greedy = all(self.greedy)
+        self.any_greedy = any(self.greedy)
+        self.bias_rows = [i for i, p in enumerate(params) if p.logit_bias]
+        self.min_tokens_rows = [
+            i
+            for i, p in enumerate(params)
+            if batch.stop_token_ids[i] and len(batch.output_token_ids[i]) < p.min_tokens
+        ]
+        self.penalty_rows = [
+            i
+            for i, p in enumerate(params)
+            if p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty
+        ]
+        self.logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+        # Greedy rows take the argmax of the penalized logits; the rest of their sampling
+        # parameters are neutralized so they never force a stage on the batch.
+        sampling = [p for p, g in zip(params, self.greedy) if not g]
+        self.temperatures = [1.0 if g else p.temperature for p, g in zip(params, self.greedy)]
+        self.any_temperature = any(p.temperature != 1.0 for p in sampling)
+        self.top_k = [
+            vocab if g or p.top_k == -1 else min(p.top_k, vocab)
+            for p, g in zip(params, self.greedy)
+        ]
+        self.any_top_k = min(self.top_k) < vocab
+        # Width of the top-k-only path: the largest k among rows that use top-k.
+        self.max_top_k = max((k for k in self.top_k if k < vocab), default=vocab)
+        # top_p = 1 is sent as +inf so float rounding in the cumulative sum never masks a row.
+        self.top_p = [
+            float("inf") if g or p.top_p >= 1.0 else p.top_p for p, g in zip(params, self.greedy)
+        ]
+        self.any_top_p = any(p.top_p < 1.0 for p in sampling)
+        self.min_p = [0.0 if g else p.min_p for p, g in zip(params, self.greedy)]
+        self.any_min_p = any(p.min_p > 0.0 for p in sampling)
+        self.seeded_rows = [
+            i for i, (g, gen) in enumerate(zip(self.greedy, batch.generators)) if not g and gen
+        ]
+        self.any_unseeded = len(self.seeded_rows) < len(sampling)
+
+
+def _to_device(data: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host list -> device tensor without a blocking copy (pinned staging on CUDA)."""
+    if device.type != "cuda":
+        return torch.tensor(data, dtype=dtype, device=device)
+    return torch.tensor(data, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
+def _apply_token_rules(
+    logits: torch.Tensor, batch: SamplingBatch, plan: _Plan
+) -> torch.Tensor:
+    """Logit bias, then -inf on stop ids of rows below min_tokens. Never edits the input."""
+    if not plan.bias_rows and not plan.min_tokens_rows:
+        return logits
+    logits = logits.clone()  # [batch, vocab]
+    vocab, device = logits.shape[1], logits.device
+    if plan.bias_rows:
+        rows, toks, vals = [], [], []
+        for i in plan.bias_rows:
+            for tok, bias in batch.params[i].logit_bias.items():  # type: ignore[union-attr]
+                if tok < vocab:  # ids beyond the vocabulary are rejected by input checks
+                    rows.append(i)
+                    toks.append(tok)
+                    vals.append(float(bias))
+        logits.index_put_(
+            (_to_device(rows, torch.int64, device), _to_device(toks, torch.int64, device)),
+            _to_device(vals, torch.float32, device),
+            accumulate=True,
+        )
+    if plan.min_tokens_rows:
+        rows, toks = [], []
+        for i in plan.min_tokens_rows:
+            ids = [t for t in batch.stop_token_ids[i] if t < vocab]
+            rows.extend([i] * len(ids))
+            toks.extend(ids)
+        index = (_to_device(rows, torch.int64, device), _to_device(toks, torch.int64, device))
+        logits.index_put_(index, torch.tensor(_NEG_INF, device=device))
+    return logits
+
+
+def _token_counts(
+    token_lists: list[list[int]], vocab: int, device: torch.device
+) -> torch.Tensor:
+    """[len(token_lists), vocab] float32: how often each token id occurs in each list."""
+    num_rows = len(token_lists)
+    counts = torch.zeros(num_rows * vocab, dtype=torch.float32, device=device)
+    flat = list(chain.from_iterable(token_lists))
+    if not flat:
+        return counts.view(num_rows, vocab)
+    tokens = _to_device(flat, torch.int64, device)  # [total]
+    lengths = _to_device([len(t) for t in token_lists], torch.int64, device)  # [rows]
+    row_ids = torch.repeat_interleave(
+        torch.arange(num_rows, device=device), lengths, output_size=len(flat)
+    )  # [total]; output_size given so the device never reports a size to the host
+    counts.index_add_(0, row_ids * vocab + tokens, torch.ones_like(tokens, dtype=torch.float32))
+    return counts.view(num_rows, vocab)
+
+
+def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch, plan: _Plan) -> torch.Tensor:
+    """Repetition (HF/CTRL, prompt + output) then frequency/presence (OpenAI, output only).
+
+    Only the rows with a penalty are gathered and processed; their counts are built on the
+    device from the flattened token lists.
+    """
+    rows = plan.penalty_rows
+    if not rows:
+        return logits
+    num_rows, vocab = logits.shape
+    device = logits.device
+    params = [batch.params[i] for i in rows]
+    full = len(rows) == num_rows
+    row_index = None if full else _to_device(rows, torch.int64, device)
+    sub = logits if full else logits[row_index]  # [rows, vocab]
+    out_counts = _token_counts([batch.output_token_ids[i] for i in rows], vocab, device)
+    if any(p.repetition_penalty != 1.0 for p in params):
+        prompt_counts = _token_counts([batch.prompt_token_ids[i] for i in rows], vocab, device)
+        seen = (prompt_counts > 0) | (out_counts > 0)  # [rows, vocab]
+        penalty = _to_device([p.repetition_penalty for p in params], torch.float32, device)
+        penalty = penalty.unsqueeze(1)  # [rows, 1]
+        penalized = torch.where(sub > 0, sub / penalty, sub * penalty)
+        sub = torch.where(seen, penalized, sub)
+    if any(p.frequency_penalty or p.presence_penalty for p in params):
+        freq = _to_device([p.frequency_penalty for p in params], torch.float32, device)
+        pres = _to_device([p.presence_penalty for p in params], torch.float32, device)
+        sub = sub - freq.unsqueeze(1) * out_counts - pres.unsqueeze(1) * (out_counts > 0)
+    return sub if full else logits.index_copy(0, row_index, sub)
+
+
+def _apply_top_k_top_p(logits: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """Mask all but the top-k tokens (ties with the k-th kept), then all but the smallest
+    set whose probability reaches top_p (always at least one token)."""
+    device = logits.device
+    top_k = _to_device(plan.top_k, torch.int64, device).unsqueeze(1) if plan.any_top_k else None
+    if not plan.any_top_p:
+        assert top_k is not None
+        top_values = logits.topk(plan.max_top_k, dim=-1).values  # [batch, max_k]
+        kth = top_values.gather(1, top_k.clamp(max=plan.max_top_k) - 1)  # [batch, 1]
+        kth = kth.masked_fill(top_k >= logits.shape[1], _NEG_INF)  # rows without top-k
+        return logits.masked_fill(logits < kth, _NEG_INF)
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [batch, vocab] each
+    if top_k is not None:
+        kth = sorted_logits.gather(1, top_k - 1)  # [batch, 1]
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, _NEG_INF)
+    top_p = _to_device(plan.top_p, torch.float32, device).unsqueeze(1)  # [batch, 1]
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # probability of strictly more likely tokens
+    sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, _NEG_INF)
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def _sample_random(logits: torch.Tensor, batch: SamplingBatch, plan: _Plan) -> torch.Tensor:
+    """Temperature, top-k/top-p, min-p, then the exponential race: argmax(p / E) with
+    E ~ Exponential(1) i.i.d. picks token i with probability p_i / sum(p), with no host sync
+    and no need to normalize p."""
+    device = logits.device
+    if plan.any_temperature:
+        temps = _to_device(plan.temperatures, torch.float32, device)
+        logits = logits / temps.unsqueeze(1)  # [batch, vocab]
+    if plan.any_top_k or plan.any_top_p:
+        logits = _apply_top_k_top_p(logits, plan)
+    probs = logits.softmax(dim=-1)  # [batch, vocab]
+    if plan.any_min_p:
+        min_p = _to_device(plan.min_p, torch.float32, device).unsqueeze(1)  # [batch, 1]
+        threshold = min_p * probs.amax(dim=-1, keepdim=True)
+        probs = probs.masked_fill(probs < threshold, 0.0)
+    noise = torch.empty_like(probs)  # [batch, vocab]
+    if plan.any_unseeded:
+        noise.exponential_()
+    for i in plan.seeded_rows:
+        noise[i].exponential_(generator=batch.generators[i])
+    # NOTE: a zero draw would turn a masked token's 0/0 into NaN, which argmax prefers.
+    noise.clamp_min_(torch.finfo(torch.float32).tiny)
+    return probs.div_(noise).argmax(dim=-1)
+
+
+def _logprob_table(
+    logprobs: torch.Tensor, chosen: torch.Tensor, num_top: int
+) -> list[list[float]]:
+    """One host copy of [chosen id, chosen logprob, rank, top ids..., top logprobs...] per row.
+
+    `logprobs` is [rows, vocab] log_softmax output and `chosen` [rows] int64. Packed in
+    float64, which holds token ids and float32 values exactly.
+    """
+    chosen = chosen.unsqueeze(1)  # [rows, 1]
+    chosen_lp = logprobs.gather(1, chosen)  # [rows, 1]
+    rank = (logprobs > chosen_lp).sum(dim=1, keepdim=True) + 1  # [rows, 1]
+    parts = [chosen.double(), chosen_lp.double(), rank.double()]
+    if num_top > 0:
+        top_lp, top_ids = logprobs.topk(num_top, dim=-1)  # [rows, num_top] each
+        parts += [top_ids.double(), top_lp.double()]
+    return torch.cat(parts, dim=1).tolist()
+
+
+def _unpack(row: list[float], n: int, num_top: int) -> TokenLogprobs:
+    top_ids = row[3 : 3 + n]
+    top_lps = row[3 + num_top : 3 + num_top + n]
+    return TokenLogprobs(
+        token_ids=[int(row[0])] + [int(t) for t in top_ids],
+        logprobs=[row[1]] + top_lps,
+        rank=int(row[2]),
+    )
+
+
+def _fill_sample_logprobs(
+    out: list[TokenLogprobs | None],
+    raw: torch.Tensor,
+    sampled: torch.Tensor,
+    batch: SamplingBatch,
+    rows: list[int],
+) -> None:
+    if len(rows) == raw.shape[0]:
+        raw_rows, chosen = raw, sampled
+    else:
+        index = _to_device(rows, torch.int64, raw.device)
+        raw_rows, chosen = raw[index], sampled[index]  # [rows, vocab], [rows]
+    counts = [batch.params[i].logprobs or 0 for i in rows]
+    num_top = min(max(counts), raw.shape[1])
+    table = _logprob_table(torch.log_softmax(raw_rows, dim=-1), chosen, num_top)
+    for i, n, row in zip(rows, counts, table):
+        out[i] = _unpack(row, min(n, num_top), num_top)
+
+
+def compute_prompt_logprobs(
+    logits: torch.Tensor, target_ids: torch.Tensor, num_top: int
+) -> list[TokenLogprobs]:
+    """Logprobs of `target_ids` [N] under raw `logits` [N, vocab], plus the top `num_top`."""
+    assert logits.dim() == 2 and target_ids.shape == (logits.shape[0],)
+    if logits.shape[0] == 0:
+        return []
+    num_top = min(num_top, logits.shape[1])
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # [N, vocab]
+    table = _logprob_table(logprobs, target_ids.to(logits.device, torch.int64), num_top)
+    return [_unpack(row, num_top, num_top) for row in table]

@@ -1,0 +1,224 @@
+"""The token-budget scheduler: decides which tokens of which requests run each step.
+
+Owns the waiting queue, the running list and request status transitions. Talks to the KV cache
+only through `KVCacheManager` and to the runner only through `SchedulerOutput` /
+`ModelOutput`. Must not touch tensors, tokenizers or text (stop strings are the engine's).
+
+One rule covers everything: each step tops requests up from one token budget, running requests
+first, then waiting ones; a request computes tokens [num_computed_tokens, num_tokens). A long
+prompt simply takes several steps (chunked prefill), a prefix-cache hit starts with
+num_computed_tokens > 0, and a preempted request restarts from 0 (recompute).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from kestrel.config import SchedulerConfig
+from kestrel.kv.kv_manager import KVCacheManager
+from kestrel.outputs import ModelOutput
+from kestrel.request import Request, RequestStatus
+from kestrel.scheduler.output import CachedRequestData, NewRequestData, SchedulerOutput
+from kestrel.scheduler.policy import WaitingQueue, pick_victim
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+        self.config = config
+        self.kv = kv
+        self.requests: dict[str, Request] = {}
+        self.waiting = WaitingQueue()
+        self.running: list[Request] = []  # in admission order
+        # Ids the runner still holds state for but must drop at the next step.
+        self._finished_for_runner: set[str] = set()
+        self._runner_holds: set[str] = set()
+        self.num_preemptions = 0
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, request: Request) -> None:
+        assert request.request_id not in self.requests, request.request_id
+        self.requests[request.request_id] = request
+        self.waiting.push(request)
+
+    def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> None:
+        """Finish (stop string, abort, ...) requests in any state; frees their blocks now."""
+        assert status.is_finished
+        for rid in request_ids:
+            request = self.requests.get(rid)
+            if request is None or request.is_finished:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(rid)
+            request.status = status
+            self._release(request)
+
+    def _release(self, request: Request) -> None:
+        self.kv.free(request)
+        del self.requests[request.request_id]
+        if request.request_id in self._runner_holds:
+            self._runner_holds.discard(request.request_id)
+            self._finished_for_runner.add(request.request_id)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # ------------------------------------------------------------------ schedule
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: dict[str, int] = {}  # req_id -> tokens this step, in batch order
+        new_block_ids: dict[str, list[int]] = {}
+        preempted_now = False
+
+        # 1) Running requests first: each gets the rest of its tokens, up to the budget.
+        idx = 0
+        while idx < len(self.running) and budget > 0:
+            request = self.running[idx]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if num_new <= 0:
+                idx += 1
+                continue
+            blocks = self.kv.allocate_slots(request, num_new)
+            while blocks is None:
+                victim = pick_victim(self.running)
+                budget += scheduled.pop(victim.request_id, 0)
+                new_block_ids.pop(victim.request_id, None)
+                victim_idx = self.running.index(victim)
+                self._preempt(victim)
+                preempted_now = True
+                if victim is request:
+                    break
+                if victim_idx < idx:
+                    idx -= 1
+                blocks = self.kv.allocate_slots(request, num_new)
+            if blocks is None:
+                continue  # the request itself was preempted; running[idx] is now the next one
+            scheduled[request.request_id] = num_new
+            new_block_ids[request.request_id] = blocks
+            budget -= num_new
+            idx += 1
+
+        # 2) Waiting requests, in rank order, while budget, seats and blocks last. After a
+        # preemption this step, admitting others would only thrash.
+        new_reqs: list[NewRequestData] = []
+        while not preempted_now and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting.peek()
+            if request is None:
+                break
+            hit_blocks, num_hit = [], 0
+            if request.sampling_params.prompt_logprobs is None:
+                # NOTE: prompt logprobs need the logits of every prompt token, so such
+                # requests never start from cached blocks.
+                hit_blocks, num_hit = self.kv.get_computed_blocks(request)
+            num_new = request.num_tokens - num_hit
+            if num_new > budget and not self.config.enable_chunked_prefill:
+                break
+            num_new = min(num_new, budget)
+            if self.kv.allocate_slots(request, num_new, hit_blocks, num_hit) is None:
+                break
+            self.waiting.pop()
+            request.num_computed_tokens = num_hit
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_hit
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            self._runner_holds.add(request.request_id)
+            new_reqs.append(self._new_request_data(request))
+            budget -= num_new
+            scheduled[request.request_id] = num_new
+
+        return self._build_output(scheduled, new_block_ids, new_reqs)
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.kv.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        if request.request_id in self._runner_holds:
+            self._runner_holds.discard(request.request_id)
+            self._finished_for_runner.add(request.request_id)
+        self.waiting.push(request)
+
+    def _new_request_data(self, request: Request) -> NewRequestData:
+        return NewRequestData(
+            req_id=request.request_id,
+            prompt_token_ids=request.prompt_token_ids,
+            output_token_ids=list(request.output_token_ids),
+            sampling_params=request.sampling_params,
+            stop_token_ids=request.stop_token_ids(),
+            block_ids=list(self.kv.get_block_ids(request.request_id)),
+            num_computed_tokens=request.num_computed_tokens,
+        )
+
+    def _build_output(
+        self,
+        scheduled: dict[str, int],
+        new_block_ids: dict[str, list[int]],
+        new_reqs: list[NewRequestData],
+    ) -> SchedulerOutput:
+        cached = CachedRequestData()
+        for rid in new_block_ids:  # running requests still scheduled, in batch order
+            cached.req_ids.append(rid)
+            cached.new_block_ids.append(new_block_ids[rid])
+            cached.num_computed_tokens.append(self.requests[rid].num_computed_tokens)
+        finished, self._finished_for_runner = self._finished_for_runner, set()
+        return SchedulerOutput(
+            scheduled_new_reqs=new_reqs,
+            scheduled_cached_reqs=cached,
+            num_scheduled_tokens={
+                rid: scheduled[rid] for rid in [r.req_id for r in new_reqs] + cached.req_ids
+            },
+            total_num_scheduled_tokens=sum(scheduled.values()),
+            finished_req_ids=finished,
+        )
+
+    # ------------------------------------------------------------------ update
+    def update_from_output(
+        self, scheduler_output: SchedulerOutput, model_output: ModelOutput
+    ) -> list[tuple[Request, list[int]]]:
+        """Advance progress, append sampled tokens and apply token-level stop rules.
+
+        Returns (request, new_token_ids) for every request that produced tokens, including
+        those that just finished (their status says so; they are already released).
+        """
+        for rid, num in scheduler_output.num_scheduled_tokens.items():
+            request = self.requests.get(rid)
+            if request is not None:
+                request.num_computed_tokens += num
+        produced: list[tuple[Request, list[int]]] = []
+        for rid, tokens in zip(model_output.req_ids, model_output.sampled_token_ids):
+            request = self.requests.get(rid)
+            if not tokens or request is None or request.is_finished:
+                continue
+            request.append_output_tokens(tokens)
+            status = self._check_stop(request)
+            if status is not None:
+                self.running.remove(request)
+                request.status = status
+                self._release(request)
+            produced.append((request, tokens))
+        return produced
+
+    def _check_stop(self, request: Request) -> RequestStatus | None:
+        params = request.sampling_params
+        last = request.output_token_ids[-1]
+        if request.num_output_tokens >= params.min_tokens and last in request.stop_token_ids():
+            if last in params.stop_token_ids:
+                request.stop_reason = last
+            return RequestStatus.FINISHED_STOPPED
+        if params.max_tokens is not None and request.num_output_tokens >= params.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        if request.num_tokens >= self.config.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None

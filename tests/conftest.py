@@ -1,0 +1,87 @@
+"""Shared fixtures: request and scheduler factories (CPU only, no model)."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+
+from kestrel.config import SchedulerConfig
+from kestrel.kv.kv_manager import KVCacheManager
+from kestrel.outputs import ModelOutput
+from kestrel.request import Request
+from kestrel.sampling_params import SamplingParams
+from kestrel.scheduler.output import SchedulerOutput
+from kestrel.scheduler.scheduler import Scheduler
+
+EOS = 1
+_ids = itertools.count()
+
+
+def make_request(
+    prompt_len: int = 8,
+    max_tokens: int = 4,
+    *,
+    prompt: list[int] | None = None,
+    priority: int = 0,
+    arrival: float | None = None,
+    rid: str | None = None,
+    **params,
+) -> Request:
+    if prompt is None:  # distinct per request, so tests opt into prefix sharing explicitly
+        base = next(_ids) * 97
+        prompt = [2 + (base + i) % 1000 for i in range(prompt_len)]
+    sp = SamplingParams(max_tokens=max_tokens, **params)
+    return Request(rid or f"r{next(_ids)}", prompt, sp, [EOS], priority,
+                   arrival if arrival is not None else float(next(_ids)))
+
+
+def make_scheduler(
+    num_blocks: int = 64,
+    block_size: int = 4,
+    max_num_batched_tokens: int = 32,
+    max_num_seqs: int = 16,
+    max_model_len: int = 128,
+    chunked: bool = True,
+    prefix_caching: bool = True,
+) -> Scheduler:
+    cfg = SchedulerConfig(
+        max_num_batched_tokens=max_num_batched_tokens,
+        max_num_seqs=max_num_seqs,
+        max_model_len=max_model_len,
+        enable_chunked_prefill=chunked,
+    )
+    return Scheduler(cfg, KVCacheManager(num_blocks, block_size, prefix_caching))
+
+
+def fake_model_output(
+    sched: Scheduler, out: SchedulerOutput, rng: random.Random | None = None
+) -> ModelOutput:
+    """What a runner would return: one token for each request whose tokens are all computed
+    after this step (never EOS unless rng says so)."""
+    result = ModelOutput()
+    for rid in out.batch_req_ids():
+        req = sched.requests[rid]
+        done = req.num_computed_tokens + out.num_scheduled_tokens[rid] == req.num_tokens
+        token = (EOS if rng and rng.random() < 0.05 else 3 + len(req.output_token_ids) % 40)
+        result.req_ids.append(rid)
+        result.sampled_token_ids.append([token] if done else [])
+        result.logprobs.append(None)
+    return result
+
+
+def run_step(sched: Scheduler, rng: random.Random | None = None):
+    out = sched.schedule()
+    produced = sched.update_from_output(out, fake_model_output(sched, out, rng))
+    return out, produced
+
+
+@pytest.fixture
+def scheduler_factory():
+    return make_scheduler
+
+
+@pytest.fixture
+def request_factory():
+    return make_request
