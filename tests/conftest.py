@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import random
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -85,3 +87,21 @@ def scheduler_factory():
 @pytest.fixture
 def request_factory():
     return make_request
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., str]:
+    """`tiny_model(arch, shard=False, **overrides)`: a tiny random HF checkpoint folder,
+    written once per session (arch: llama, llama3, mistral, qwen2, qwen3)."""
+    from kestrel.models.dummy import save_random_model
+
+    cache: dict[tuple, str] = {}
+
+    def make(arch: str, shard: bool = False, **overrides: Any) -> str:
+        key = (arch, shard, tuple(sorted(overrides.items())))
+        if key not in cache:
+            folder = tmp_path_factory.mktemp(f"{arch}{'-sharded' if shard else ''}")
+            cache[key] = save_random_model(folder, arch, shard=shard, **overrides)
+        return cache[key]
+
+    return make

@@ -132,10 +132,8 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
             value = 1.0 + 0.1 * noise
         elif name.endswith(".bias"):
             value = 0.1 * noise
-        elif "embed_tokens" in name:
-            value = noise
-        elif "lm_head" in name:
-            value = noise * 3.0 / math.sqrt(hidden)
+        elif "embed_tokens" in name or "lm_head" in name:
+            value = noise * 3.0 / math.sqrt(hidden)  # logits std ~3, tied or not
         else:  # [out, in] projections: keep activations at unit scale
             value = noise / math.sqrt(param.shape[1])
         param.copy_(value)

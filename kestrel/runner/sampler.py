@@ -71,8 +71,7 @@ class Sampler:
             return SamplerOutput(empty, [])
         plan = _Plan(batch, vocab)
         raw = logits  # logprobs are reported on the unprocessed distribution
-        logits = _apply_token_rules(logits, batch, plan)
-        logits = _apply_penalties(logits, batch, plan)
+        logits = process_logits(logits, batch, plan)
         if plan.all_greedy:
             sampled = logits.argmax(dim=-1)
         else:
@@ -136,6 +135,16 @@ def _to_device(data: list, dtype: torch.dtype, device: torch.device) -> torch.Te
     if device.type != "cuda":
         return torch.tensor(data, dtype=dtype, device=device)
     return torch.tensor(data, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
+def process_logits(
+    logits: torch.Tensor, batch: SamplingBatch, plan: _Plan | None = None
+) -> torch.Tensor:
+    """Logit bias, min_tokens masking and penalties: the logits greedy rows take the argmax
+    of. Returns `logits` itself when no row needs any of them; never edits it in place."""
+    plan = plan or _Plan(batch, logits.shape[1])
+    logits = _apply_token_rules(logits, batch, plan)
+    return _apply_penalties(logits, batch, plan)
 
 
 def _apply_token_rules(
@@ -214,7 +223,7 @@ def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch, plan: _Plan) ->
     if any(p.frequency_penalty or p.presence_penalty for p in params):
         freq = _to_device([p.frequency_penalty for p in params], torch.float32, device)
         pres = _to_device([p.presence_penalty for p in params], torch.float32, device)
-        sub = sub - freq.unsqueeze(1) * out_counts - pres.unsqueeze(1) * (out_counts > 0)
+        sub = sub - freq.unsqueeze(1) * (out_counts>0) - pres.unsqueeze(1) * (out_counts > 0)
     return sub if full else logits.index_copy(0, row_index, sub)
 
 

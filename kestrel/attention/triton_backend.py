@@ -1,0 +1,85 @@
+"""Triton paged-attention backend: stores this step's K/V, then runs decode/prefill kernels.
+
+Owns the dispatch from `AttentionMetadata` to kernels: a batch whose requests all have one
+query goes to the split-KV decode kernel; otherwise leading one-token requests (the runner
+places decodes first) go to the decode kernel and the rest to the varlen prefill kernel. Must
+not build metadata or own KV memory.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kestrel.attention.backend import AttentionBackend, AttentionMetadata
+from kestrel.kernels.attention import decode_attention, prefill_attention
+from kestrel.kernels.kv_store import store_kv
+
+
+def _count_leading_decodes(meta: AttentionMetadata) -> int:
+    qsl = meta.query_start_loc_cpu
+    num_reqs = meta.num_reqs
+    if meta.max_query_len <= 1 and qsl[num_reqs] - qsl[0] == num_reqs:
+        return num_reqs
+    n = 0
+    while n < num_reqs and qsl[n + 1] - qsl[n] == 1:
+        n += 1
+    return n
+
+
+class TritonAttentionBackend(AttentionBackend):
+    name = "triton"
+
+    def __init__(self, decode_num_splits: int | None = None) -> None:
+        # A fixed split count keeps decode grids static (CUDA graphs); None picks per step.
+        self.decode_num_splits = decode_num_splits
+        # The split point is the same for every layer of a step: compute it once per metadata.
+        self._plan_meta: AttentionMetadata | None = None
+        self._plan_num_decodes = 0
+
+    def _num_leading_decodes(self, meta: AttentionMetadata) -> int:
+        if meta is not self._plan_meta:
+            self._plan_meta = meta
+            self._plan_num_decodes = _count_leading_decodes(meta)
+        return self._plan_num_decodes
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [num_tokens, num_q_heads, head_dim]
+        k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [num_tokens, num_q_heads, head_dim]
+        store_kv(k, v, kv_cache, meta.slot_mapping)
+        out = torch.empty_like(q)
+        num_reqs = meta.num_reqs
+        if num_reqs == 0:
+            return out
+        num_decodes = self._num_leading_decodes(meta)
+        if num_decodes > 0:
+            # NOTE: leading one-token requests own q rows qsl[0] + r, r < num_decodes.
+            first = meta.query_start_loc_cpu[0]
+            rows = slice(first, first + num_decodes)
+            decode_attention(
+                q[rows],
+                kv_cache,
+                meta.block_table[:num_decodes],
+                meta.seq_lens[:num_decodes],
+                meta.max_seq_len,
+                scale,
+                num_splits=self.decode_num_splits,
+                out=out[rows],
+            )
+        if num_decodes < num_reqs:
+            prefill_attention(
+                q,
+                kv_cache,
+                meta.block_table[num_decodes:],
+                meta.query_start_loc[num_decodes:],
+                meta.seq_lens[num_decodes:],
+                meta.max_query_len,
+                scale,
+                out=out,
+            )
+        return out

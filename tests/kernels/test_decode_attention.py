@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kestrel.kernels.attention.decode import choose_num_splits, decode_attention
+from tests.kernels.paged_refs import attention_reference, make_paged_batch, rel_err, tolerance
+
+# Context lengths at and around block/tile boundaries, incl. a single-token context.
+SEQ_LENS = [1, 16, 17, 33, 64, 7, 95]
+
+
+def _run(batch, num_splits, scale):
+    out = torch.full_like(batch.q, torch.nan)  # poisoned: every element must be written
+    decode_attention(
+        batch.q, batch.kv_cache, batch.block_table, batch.seq_lens, max(batch.seq_lens_list),
+        scale, num_splits=num_splits, out=out,
+    )  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize(
+    "num_q_heads,num_kv_heads,head_dim,block_size,dtype",
+    [
+        (2, 2, 16, 4, torch.float32),  # MHA
+        (4, 2, 32, 16, torch.float16),  # GQA
+        (8, 1, 16, 8, torch.float32),  # MQA
+        (6, 2, 24, 4, torch.float16),  # group and head_dim not powers of two
+    ],
+)
+def test_decode_matches_dense(num_q_heads, num_kv_heads, head_dim, block_size, dtype, device):
+    gen = torch.Generator().manual_seed(num_q_heads * 7 + num_kv_heads + head_dim + block_size)
+    batch = make_paged_batch(
+        [1] * len(SEQ_LENS), SEQ_LENS, num_q_heads, num_kv_heads, head_dim, block_size, dtype,
+        device, gen,
+    )  # fmt: skip
+    scale = head_dim**-0.5
+    ref = attention_reference(batch, scale)
+    for num_splits in (1, 3):
+        out = _run(batch, num_splits, scale)
+        assert torch.isfinite(out).all(), f"unwritten output with {num_splits} splits"
+        err = rel_err(out, ref)
+        assert err < tolerance(dtype, device), f"num_splits={num_splits}: rel err {err:.2e}"
+
+
+def test_decode_padded_request_gives_zeros(device):
+    gen = torch.Generator().manual_seed(3)
+    batch = make_paged_batch([1, 1], [5, 20], 4, 2, 16, 4, torch.float32, device, gen)
+    batch.seq_lens[0] = 0  # a padding row, as a CUDA-graph batch would carry
+    for num_splits in (1, 2):
+        out = _run(batch, num_splits, 0.25)
+        assert torch.equal(out[0], torch.zeros_like(out[0]))
+        assert torch.isfinite(out[1]).all()
+
+
+def test_choose_num_splits_fills_the_gpu():
+    cpu = torch.device("cpu")  # nominal 132 SMs
+    assert choose_num_splits(512, 8, 32768, cpu) == 1
+    assert choose_num_splits(1, 8, 32768, cpu) == 64
+    assert choose_num_splits(1, 8, 300, cpu) == 2  # at least 256 keys per split
+    assert choose_num_splits(4, 8, 4096, cpu) == 16
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch_size,max_ctx", [(1, 8192), (8, 2000), (64, 600)])
+def test_decode_bf16_real_shapes(batch_size, max_ctx, device):
+    gen = torch.Generator().manual_seed(batch_size)
+    seq_lens = torch.randint(1, max_ctx + 1, (batch_size,), generator=gen).tolist()
+    seq_lens[0] = max_ctx
+    batch = make_paged_batch(
+        [1] * batch_size, seq_lens, 32, 8, 128, 16, torch.bfloat16, device, gen, extra_blocks=300
+    )
+    ref = attention_reference(batch, 128**-0.5)
+    for num_splits in (None, 1, 7):
+        out = _run(batch, num_splits, 128**-0.5)
+        assert torch.isfinite(out).all()
+        assert rel_err(out, ref) < tolerance(torch.bfloat16, device)
