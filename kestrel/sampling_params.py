@@ -8,6 +8,7 @@ processing. Every error is a ValueError naming the field and the limit.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,7 +46,10 @@ class SamplingParams:
             self.stop = []
         elif isinstance(self.stop, (list, tuple)):
             self.stop = list(self.stop)
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        elif isinstance(self.stop_token_ids, (list, tuple)):
+            self.stop_token_ids = list(self.stop_token_ids)
         self._validate()
 
     def _validate(self) -> None:
@@ -100,7 +104,8 @@ class SamplingParams:
             f"must be a non-empty string or a list of non-empty strings, got {self.stop!r}",
         )
         _check(
-            all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
+            isinstance(self.stop_token_ids, list)
+            and all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
             "stop_token_ids",
             f"must be a list of token ids >= 0, got {self.stop_token_ids!r}",
         )
@@ -139,7 +144,7 @@ def _is_int(x: Any) -> bool:
 
 
 def _is_num(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x  # rejects NaN
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _check(ok: bool, name: str, message: str) -> None:

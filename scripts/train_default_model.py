@@ -60,15 +60,18 @@ def is_heldout(rel_path: str) -> bool:
     return int.from_bytes(digest[:8], "big") % 100 < HELDOUT_PERCENT
 
 
-def collect_corpus(max_bytes: int | None) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+def collect_corpus(
+    root: Path, max_bytes: int | None
+) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """Return (train, heldout) lists of (relative path, text), sorted by path."""
-    root = Path(sysconfig.get_paths()["stdlib"])
     train: list[tuple[str, str]] = []
     heldout: list[tuple[str, str]] = []
     for path in sorted(root.rglob("*.py")):
         rel = path.relative_to(root).as_posix()
         if "site-packages" in rel or "dist-packages" in rel or not path.is_file():
             continue
+        if path.name.startswith("_sysconfigdata"):
+            continue  # build-machine paths, not library source
         try:
             text = path.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError):
@@ -155,7 +158,8 @@ def sample_batch(
     starts = torch.randint(0, tokens.numel() - seq_len - 1, (batch,), generator=gen)
     idx = starts[:, None] + torch.arange(seq_len + 1)  # [batch, seq_len + 1]
     window = tokens[idx.to(tokens.device, non_blocking=True)]
-    return window[:, :-1], window[:, 1:]
+    # contiguous: the compiled graph is specialised on strides
+    return window[:, :-1].contiguous(), window[:, 1:].contiguous()
 
 
 @torch.no_grad()
@@ -198,10 +202,13 @@ def train(args, model, train_ids, heldout_windows, device) -> dict:
     bar = tqdm(range(args.steps), desc="train", disable=args.quiet)
     running, since_log = torch.zeros((), device=device), 0
     for step in bar:
-        if step == args.calibrate_at and args.time_budget:  # size the schedule to the budget
-            per_step = (time.perf_counter() - t0) / step
-            left = args.time_budget - (t0 - t_begin)  # compilation came out of the budget
-            total = max(args.warmup + 1, min(args.steps, int(left / per_step)))
+        if args.time_budget and step == args.calibrate_at // 2:
+            t_cal = time.perf_counter()  # first steps (allocator, recompiles) are not timed
+        if args.time_budget and step == args.calibrate_at:  # size the schedule to the budget
+            now = time.perf_counter()
+            per_step = (now - t_cal) / (step - args.calibrate_at // 2)
+            left = 0.95 * (args.time_budget - (now - t_begin))  # 5% for held-out evals
+            total = max(args.warmup + 1, step + 1, min(args.steps, step + int(left / per_step)))
         if step >= total:
             break
         for group in opt.param_groups:
@@ -343,6 +350,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-windows", type=int, default=64)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--calibrate-at", type=int, default=40)
+    p.add_argument("--stdlib-dir", type=Path, default=Path(sysconfig.get_paths()["stdlib"]),
+                   help="standard-library tree to train on (default: this interpreter's)")
+    p.add_argument("--stdlib-label", default=f"CPython {platform.python_version()}",
+                   help="what --stdlib-dir is, for the model card")
     p.add_argument("--max-corpus-bytes", type=int, default=None)
     p.add_argument("--slice-bytes", type=int, default=64 * 1024)
     p.add_argument("--sample-tokens", type=int, default=48)
@@ -375,7 +386,9 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     t_start = time.perf_counter()
 
-    train_docs, heldout_docs = collect_corpus(args.max_corpus_bytes)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    train_docs, heldout_docs = collect_corpus(args.stdlib_dir, args.max_corpus_bytes)
     tok = train_tokenizer([t for _, t in train_docs], args.vocab_size)
     train_ids = encode_docs(tok, [t for _, t in train_docs])
     heldout_ids = encode_docs(tok, [t for _, t in heldout_docs])
@@ -408,6 +421,7 @@ def main(argv: list[str] | None = None) -> dict:
         "train_files": len(train_docs),
         "heldout_files": len(heldout_docs),
         "train_tokens": train_ids.numel(),
+        "corpus": args.stdlib_label,
         "python_version": platform.python_version(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "prep_seconds": round(prep_s, 1),
@@ -437,9 +451,11 @@ chat code paths can be exercised end to end.
 
 ## Corpus and split
 
-- Text: every UTF-8 `*.py` file under `sysconfig.get_paths()["stdlib"]` of CPython
-  {s["python_version"]} (site-packages excluded), i.e. the Python standard library's own source,
-  licensed under the PSF License Agreement. Each file is one document, preceded by `<|endoftext|>`.
+- Text: every UTF-8 `*.py` file of the {s["corpus"]} standard library (`--stdlib-dir`, by
+  default `sysconfig.get_paths()["stdlib"]` of the interpreter running the script; its test suite
+  included where installed; site-packages and `_sysconfigdata*` excluded), i.e. the Python
+  standard library's own source, under the PSF License Agreement. Each file is one document,
+  preceded by `<|endoftext|>`.
 - Split: a file is held out iff the first 8 bytes of `sha256(relative posix path)`, read as a
   big-endian integer, are `< {HELDOUT_PERCENT}` modulo 100. This gave {s["train_files"]} training
   files ({s["train_tokens"]:,} tokens) and {s["heldout_files"]} held-out files.

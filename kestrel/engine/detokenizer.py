@@ -95,9 +95,7 @@ class IncrementalDetokenizer:
     for while fewer than `min_tokens` tokens exist.
     """
 
-    def __init__(
-        self, tokenizer: Any, prompt_token_ids: list[int], params: SamplingParams
-    ) -> None:
+    def __init__(self, tokenizer: Any, prompt_token_ids: list[int], params: SamplingParams) -> None:
         self._decode = make_decoder(tokenizer, params)
         self._params = params
         self._stops: list[str] = list(params.stop or [])

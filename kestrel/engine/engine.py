@@ -225,8 +225,8 @@ class Engine:
             for entry in logprobs:
                 comp.logprobs.append(self._to_logprob_dict(entry))
                 comp.cumulative_logprob = (comp.cumulative_logprob or 0.0) + entry.logprobs[0]
+        comp.delta_text += detok.get_delta(request.is_finished)  # flushes the text when done
         comp.text = detok.output_text
-        comp.delta_text += detok.get_delta(request.is_finished)
         if request.num_cached_tokens > 0 and idx == 0:
             group.num_cached_tokens = request.num_cached_tokens
         if request.is_finished:

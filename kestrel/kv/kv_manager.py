@@ -148,7 +148,7 @@ class KVCacheManager:
         num_fresh = max(0, cdiv(num_tokens, bs) - len(state.blocks) - len(hits))
         # Hits waiting in the evictable queue are counted as free but are not ours to take.
         num_revived = sum(1 for b in hits if b.ref_cnt == 0)
-        if num_fresh > self.pool.num_free_blocks - num_revived:
+        if num_fresh > self.pool.num_free_blocks:
             return None
         self.pool.touch(hits)
         fresh = self.pool.allocate(num_fresh)

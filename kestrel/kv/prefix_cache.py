@@ -30,7 +30,7 @@ def hash_block(
     """
     h = hashlib.blake2b(digest_size=32)
     h.update(_ROOT_PARENT if parent is None else parent)
-    if True:
+    if extra_key is None:
         h.update(b"\x00")
     else:
         key = extra_key.encode()

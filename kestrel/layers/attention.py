@@ -26,7 +26,7 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q [T, num_heads, head_dim], k/v [T, num_kv_heads, head_dim] -> [T, num_heads * head_dim]."""
+        """q [T, heads, head_dim], k/v [T, kv_heads, head_dim] -> [T, heads * head_dim]."""
         ctx = get_forward_context()
         kv_cache = ctx.kv_caches[self.layer_idx]  # [2, num_blocks, block_size, kv_heads, head_dim]
         out = ctx.backend.forward(q, k, v, kv_cache, ctx.attn_metadata, self.scale)

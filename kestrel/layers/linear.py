@@ -95,7 +95,7 @@ class MergedLinear(LinearBase):
 class QKVLinear(LinearBase):
     """q, k and v projections in one matrix; output rows are laid out as
 
-        [ q: num_heads * head_dim | k: num_kv_heads * head_dim | v: num_kv_heads * head_dim ]
+    [ q: num_heads * head_dim | k: num_kv_heads * head_dim | v: num_kv_heads * head_dim ]
     """
 
     def __init__(
@@ -104,4 +104,8 @@ class QKVLinear(LinearBase):
         q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
         super().__init__(hidden_size, q_size + 2 * kv_size, bias)
         self.q_size, self.kv_size = q_size, kv_size
-        self._shard_slices = {"q": (0, q_size), "k": (q_size, kv_size), "v": (q_size + kv_size, kv_size)}
+        self._shard_slices = {
+            "q": (0, q_size),
+            "k": (q_size, kv_size),
+            "v": (q_size + kv_size, kv_size),
+        }

@@ -100,7 +100,7 @@ def save_random_model(
     tokenizer.save_pretrained(str(out))
 
     config_name, model_name, arch_overrides = _ARCHS[arch]
-    ids = {f"{name}_token_id": i for name, i in zip(("bos", "eos", "pad"), range(3))}
+    ids = {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2}  # see SPECIAL_TOKENS
     kwargs = {**_TINY, **arch_overrides, **ids, "vocab_size": len(tokenizer), **config_overrides}
     if kwargs["vocab_size"] < len(tokenizer):
         raise ValueError(f"vocab_size must be >= the tokenizer's {len(tokenizer)} tokens")

@@ -98,7 +98,9 @@ def check_servable(hf_config: Any, where: str = "config") -> None:
         )
     act = getattr(hf_config, "hidden_act", "silu")
     if act not in ACTIVATIONS:
-        raise ValueError(f"{where}: unsupported hidden_act {act!r}; supported: {ACTIVATIONS.names()}")
+        raise ValueError(
+            f"{where}: unsupported hidden_act {act!r}; supported: {ACTIVATIONS.names()}"
+        )
     try:
         check_rope_parameters(rope_parameters(hf_config))
     except ValueError as e:

@@ -107,25 +107,30 @@ class _Plan:
         self.logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
         # Greedy rows take the argmax of the penalized logits; the rest of their sampling
         # parameters are neutralized so they never force a stage on the batch.
-        sampling = [p for p, g in zip(params, self.greedy) if not g]
-        self.temperatures = [1.0 if g else p.temperature for p, g in zip(params, self.greedy)]
+        sampling = [p for p, g in zip(params, self.greedy, strict=True) if not g]
+        self.temperatures = [
+            1.0 if g else p.temperature for p, g in zip(params, self.greedy, strict=True)
+        ]
         self.any_temperature = any(p.temperature != 1.0 for p in sampling)
         self.top_k = [
             vocab if g or p.top_k == -1 else min(p.top_k, vocab)
-            for p, g in zip(params, self.greedy)
+            for p, g in zip(params, self.greedy, strict=True)
         ]
         self.any_top_k = min(self.top_k) < vocab
         # Width of the top-k-only path: the largest k among rows that use top-k.
         self.max_top_k = max((k for k in self.top_k if k < vocab), default=vocab)
         # top_p = 1 is sent as +inf so float rounding in the cumulative sum never masks a row.
         self.top_p = [
-            float("inf") if g or p.top_p >= 1.0 else p.top_p for p, g in zip(params, self.greedy)
+            float("inf") if g or p.top_p >= 1.0 else p.top_p
+            for p, g in zip(params, self.greedy, strict=True)
         ]
         self.any_top_p = any(p.top_p < 1.0 for p in sampling)
-        self.min_p = [0.0 if g else p.min_p for p, g in zip(params, self.greedy)]
+        self.min_p = [0.0 if g else p.min_p for p, g in zip(params, self.greedy, strict=True)]
         self.any_min_p = any(p.min_p > 0.0 for p in sampling)
         self.seeded_rows = [
-            i for i, (g, gen) in enumerate(zip(self.greedy, batch.generators)) if not g and gen
+            i
+            for i, (g, gen) in enumerate(zip(self.greedy, batch.generators, strict=True))
+            if not g and gen is not None
         ]
         self.any_unseeded = len(self.seeded_rows) < len(sampling)
 
@@ -147,9 +152,7 @@ def process_logits(
     return _apply_penalties(logits, batch, plan)
 
 
-def _apply_token_rules(
-    logits: torch.Tensor, batch: SamplingBatch, plan: _Plan
-) -> torch.Tensor:
+def _apply_token_rules(logits: torch.Tensor, batch: SamplingBatch, plan: _Plan) -> torch.Tensor:
     """Logit bias, then -inf on stop ids of rows below min_tokens. Never edits the input."""
     if not plan.bias_rows and not plan.min_tokens_rows:
         return logits
@@ -179,9 +182,7 @@ def _apply_token_rules(
     return logits
 
 
-def _token_counts(
-    token_lists: list[list[int]], vocab: int, device: torch.device
-) -> torch.Tensor:
+def _token_counts(token_lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
     """[len(token_lists), vocab] float32: how often each token id occurs in each list."""
     num_rows = len(token_lists)
     counts = torch.zeros(num_rows * vocab, dtype=torch.float32, device=device)
@@ -223,7 +224,7 @@ def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch, plan: _Plan) ->
     if any(p.frequency_penalty or p.presence_penalty for p in params):
         freq = _to_device([p.frequency_penalty for p in params], torch.float32, device)
         pres = _to_device([p.presence_penalty for p in params], torch.float32, device)
-        sub = sub - freq.unsqueeze(1) * (out_counts>0) - pres.unsqueeze(1) * (out_counts > 0)
+        sub = sub - freq.unsqueeze(1) * out_counts - pres.unsqueeze(1) * (out_counts > 0)
     return sub if full else logits.index_copy(0, row_index, sub)
 
 
@@ -274,9 +275,7 @@ def _sample_random(logits: torch.Tensor, batch: SamplingBatch, plan: _Plan) -> t
     return probs.div_(noise).argmax(dim=-1)
 
 
-def _logprob_table(
-    logprobs: torch.Tensor, chosen: torch.Tensor, num_top: int
-) -> list[list[float]]:
+def _logprob_table(logprobs: torch.Tensor, chosen: torch.Tensor, num_top: int) -> list[list[float]]:
     """One host copy of [chosen id, chosen logprob, rank, top ids..., top logprobs...] per row.
 
     `logprobs` is [rows, vocab] log_softmax output and `chosen` [rows] int64. Packed in
@@ -317,7 +316,7 @@ def _fill_sample_logprobs(
     counts = [batch.params[i].logprobs or 0 for i in rows]
     num_top = min(max(counts), raw.shape[1])
     table = _logprob_table(torch.log_softmax(raw_rows, dim=-1), chosen, num_top)
-    for i, n, row in zip(rows, counts, table):
+    for i, n, row in zip(rows, counts, table, strict=True):
         out[i] = _unpack(row, min(n, num_top), num_top)
 
 

@@ -1,8 +1,8 @@
-"""Fixtures for model tests: tiny random HF checkpoints and a paged-KV driver for kestrel models.
+"""Fixtures for model tests: a paged-KV driver for kestrel models.
 
-`tiny_model(arch, shard=False, **overrides)` writes (once per session) and returns a checkpoint
-folder. `paged_runner(model, hf_config)` returns a `PagedRunner`, which plays the model runner's
-part: it owns per-layer KV caches, hands out shuffled block ids, builds `AttentionMetadata` and
+(`tiny_model(arch, shard=False, **overrides)`, the session cache of tiny random checkpoints,
+lives in tests/conftest.py.) `paged_runner(model, hf_config)` returns a `PagedRunner`, which
+plays the model runner's part: it owns per-layer KV caches, hands out shuffled block ids, builds `AttentionMetadata` and
 runs one varlen forward per `step` with the reference attention backend.
 """
 
@@ -16,23 +16,8 @@ import torch
 
 from kestrel.attention.backend import AttentionMetadata
 from kestrel.attention.reference import ReferenceAttentionBackend
-from kestrel.models.dummy import save_random_model
 from kestrel.models.loader import kv_cache_shape_info
 from kestrel.runner.forward_context import ForwardContext, set_forward_context
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., str]:
-    cache: dict[tuple, str] = {}
-
-    def make(arch: str, shard: bool = False, **overrides: Any) -> str:
-        key = (arch, shard, tuple(sorted(overrides.items())))
-        if key not in cache:
-            folder = tmp_path_factory.mktemp(f"{arch}{'-sharded' if shard else ''}")
-            cache[key] = save_random_model(folder, arch, shard=shard, **overrides)
-        return cache[key]
-
-    return make
 
 
 class PagedRunner:
@@ -71,8 +56,10 @@ class PagedRunner:
                 table.append(self.free_blocks.pop())
             ids += tokens
             positions += range(start, end)
-            slots += [table[p // self.block_size] * self.block_size + p % self.block_size
-                      for p in range(start, end)]
+            slots += [
+                table[p // self.block_size] * self.block_size + p % self.block_size
+                for p in range(start, end)
+            ]
             starts.append(starts[-1] + len(tokens))
             seq_lens.append(end)
             self.num_computed[req] = end

@@ -38,9 +38,7 @@ def byte_level_tokenizer() -> PreTrainedTokenizerFast:
         show_progress=False,
     )
     tok.train_from_iterator(CORPUS * 20, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|end|>", pad_token="<|pad|>"
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|end|>", pad_token="<|pad|>")
 
 
 @functools.cache
@@ -87,9 +85,7 @@ def stream(
     return detok, streamed, stop
 
 
-SETTINGS = settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @SETTINGS
@@ -206,6 +202,17 @@ def test_stop_strings_wait_for_min_tokens():
     assert results[:2] == [None, None] and results[2] == "e"
 
 
+def test_stop_string_completed_before_min_tokens_is_not_found_later():
+    tokenizer = byte_level_tokenizer()
+    a, b, c = (tokenizer.encode(ch) for ch in "abc")
+    assert len(a) == len(b) == len(c) == 1
+    detok = IncrementalDetokenizer(tokenizer, [], SamplingParams(stop=["a", "bc"], min_tokens=2))
+    assert detok.update(a) is None  # below min_tokens: not checked
+    assert detok.update(b) is None  # "a" lies wholly in text that was already checked
+    assert detok.update(c) == "bc"  # spans the boundary: found
+    assert detok.output_text == "a"
+
+
 def test_delta_holds_back_a_possible_stop_prefix():
     tokenizer = byte_level_tokenizer()
     params = SamplingParams(stop=["STOP!"])
@@ -228,7 +235,6 @@ def test_delta_holds_back_a_possible_stop_prefix():
     st.booleans(),
 )
 def test_stop_strings_random(text: str, stops: list[str], include: bool):
-    tokenizer = byte_level_tokenizer()
     detok, streamed, stop = run_stop(text, stops, include)
     # Token by token, the first stop string to be completed in the text wins.
     matches = [(text.find(s) + len(s), text.find(s), s) for s in stops if s in text]

@@ -42,9 +42,10 @@ def _run_case(reqs, num_q_heads, num_kv_heads, head_dim, block_size, dtype, seed
     kv_cache = kv_cache.to(dtype)  # NaN in unused slots: reading one poisons the output
 
     tables, full_kv, qs, ks, vs, slots, starts = [], [], [], [], [], [], [0]
-    for (seq_len, query_len), n_blocks in zip(reqs, blocks_needed):
+    for (seq_len, query_len), n_blocks in zip(reqs, blocks_needed, strict=True):
         table = [free.pop() for _ in range(n_blocks)]
-        k_all, v_all = randn(seq_len, num_kv_heads, head_dim), randn(seq_len, num_kv_heads, head_dim)
+        k_all = randn(seq_len, num_kv_heads, head_dim)
+        v_all = randn(seq_len, num_kv_heads, head_dim)
         for pos in range(seq_len - query_len):  # cached prefix from "earlier steps"
             kv_cache[0, table[pos // block_size], pos % block_size] = k_all[pos]
             kv_cache[1, table[pos // block_size], pos % block_size] = v_all[pos]

@@ -162,9 +162,7 @@ def test_filters_in_a_mixed_batch_apply_per_row():
     assert set(out[2::3]) == {0, 1}
 
 
-def reference_penalties(
-    logits: torch.Tensor, batch: SamplingBatch
-) -> torch.Tensor:
+def reference_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """Straightforward per-row, per-token penalties, as documented by HF and OpenAI."""
     out = logits.clone()
     for i, p in enumerate(batch.params):
