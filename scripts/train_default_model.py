@@ -54,8 +54,8 @@ SAMPLE_PROMPTS = ["def fibonacci(n):", "import os\n", "class Stack:", "for i in 
 
 
 def is_heldout(rel_path: str) -> bool:
-    """The split rule: a file is held out iff sha256 of its relative posix path, read as an
-    integer, is below HELDOUT_PERCENT % of the range. Independent of machine and Python hash seed."""
+    """The split rule: held out iff sha256 of the relative posix path, as an integer, is below
+    HELDOUT_PERCENT modulo 100. Independent of the machine and of Python's hash seed."""
     digest = hashlib.sha256(rel_path.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") % 100 < HELDOUT_PERCENT
 
@@ -208,7 +208,8 @@ def train(args, model, train_ids, heldout_windows, device) -> dict:
             now = time.perf_counter()
             per_step = (now - t_cal) / (step - args.calibrate_at // 2)
             left = 0.95 * (args.time_budget - (now - t_begin))  # 5% for held-out evals
-            total = max(args.warmup + 1, step + 1, min(args.steps, step + int(left / per_step)))
+            fits = step + int(left / per_step)
+            total = max(args.warmup + 1, step + 1, min(args.steps, fits))
         if step >= total:
             break
         for group in opt.param_groups:
@@ -350,10 +351,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-windows", type=int, default=64)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--calibrate-at", type=int, default=40)
-    p.add_argument("--stdlib-dir", type=Path, default=Path(sysconfig.get_paths()["stdlib"]),
-                   help="standard-library tree to train on (default: this interpreter's)")
-    p.add_argument("--stdlib-label", default=f"CPython {platform.python_version()}",
-                   help="what --stdlib-dir is, for the model card")
+    p.add_argument(
+        "--stdlib-dir",
+        type=Path,
+        default=Path(sysconfig.get_paths()["stdlib"]),
+        help="standard-library tree to train on (default: this interpreter's)",
+    )
+    p.add_argument(
+        "--stdlib-label",
+        default=f"CPython {platform.python_version()}",
+        help="what --stdlib-dir is, for the model card",
+    )
     p.add_argument("--max-corpus-bytes", type=int, default=None)
     p.add_argument("--slice-bytes", type=int, default=64 * 1024)
     p.add_argument("--sample-tokens", type=int, default=48)
@@ -438,8 +446,11 @@ def main(argv: list[str] | None = None) -> dict:
 def write_model_card(out: Path, s: dict, samples: list[tuple[str, str]], args) -> None:
     cfg = json.loads((out / "config.json").read_text())
     size_mb = sum(f.stat().st_size for f in out.iterdir() if f.name != "README.md") / 1e6
-    shown = "\n".join(
-        f"Prompt `{json.dumps(p)}`:\n\n```python\n{p}{c}\n```\n" for p, c in samples
+    shown = "\n".join(f"Prompt `{json.dumps(p)}`:\n\n```python\n{p}{c}\n```\n" for p, c in samples)
+    layers = f"{cfg['num_hidden_layers']} / {cfg['hidden_size']} / {cfg['intermediate_size']}"
+    attention = (
+        f"{cfg['num_attention_heads']} query heads, {cfg['num_key_value_heads']} KV heads (GQA), "
+        f"head dim {cfg['head_dim']}, RoPE theta 10000"
     )
     card = f"""# kestrel default model
 
@@ -469,9 +480,8 @@ chat code paths can be exercised end to end.
 | --- | --- |
 | class | `transformers.LlamaForCausalLM` (`LlamaConfig`) |
 | parameters | {s["num_parameters"]:,} (embeddings tied with the LM head) |
-| layers / hidden / MLP | {cfg["num_hidden_layers"]} / {cfg["hidden_size"]} / {cfg["intermediate_size"]} |
-| attention | {cfg["num_attention_heads"]} query heads, {cfg["num_key_value_heads"]} KV heads (GQA), \
-head dim {cfg["head_dim"]}, RoPE theta 10000 |
+| layers / hidden / MLP | {layers} |
+| attention | {attention} |
 | context | {cfg["max_position_embeddings"]} positions |
 | tokenizer | byte-level BPE, {cfg["vocab_size"]} ids; `<|endoftext|>` (0) is BOS and EOS, \
 `<|pad|>` (1) pads, `<|system|>` `<|user|>` `<|assistant|>` `<|end|>` (2-5) tag chat turns |

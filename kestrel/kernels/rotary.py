@@ -15,9 +15,17 @@ from kestrel.kernels.utils import check_dtype, check_last_dim_contiguous, next_p
 
 @triton.jit
 def _rotate_heads(
-    x_ptr, stride_tok, stride_head, tok, cos, sin, num_heads, half,
-    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
-):  # fmt: skip
+    x_ptr,
+    stride_tok,
+    stride_head,
+    tok,
+    cos,
+    sin,
+    num_heads,
+    half,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_HALF)
     mask = (offs_h[:, None] < num_heads) & (offs_d[None, :] < half)
@@ -58,10 +66,12 @@ def _rotary_kernel(
     cs_ptr = cos_sin_ptr + pos * stride_cache_pos + offs_d
     cos = tl.load(cs_ptr, mask=offs_d < half).to(tl.float32)  # [BLOCK_HALF]
     sin = tl.load(cs_ptr + half, mask=offs_d < half).to(tl.float32)
-    _rotate_heads(q_ptr, stride_q_tok, stride_q_head, tok, cos, sin, num_q_heads, half,
-                  BLOCK_HQ, BLOCK_HALF)  # fmt: skip
-    _rotate_heads(k_ptr, stride_k_tok, stride_k_head, tok, cos, sin, num_kv_heads, half,
-                  BLOCK_HK, BLOCK_HALF)  # fmt: skip
+    _rotate_heads(
+        q_ptr, stride_q_tok, stride_q_head, tok, cos, sin, num_q_heads, half, BLOCK_HQ, BLOCK_HALF
+    )
+    _rotate_heads(
+        k_ptr, stride_k_tok, stride_k_head, tok, cos, sin, num_kv_heads, half, BLOCK_HK, BLOCK_HALF
+    )
 
 
 def apply_rotary(

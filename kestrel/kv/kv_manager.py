@@ -47,7 +47,9 @@ class KVCacheManager:
     requests that only went through `get_computed_blocks`.
     """
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True
+    ) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.block_size = block_size
@@ -148,7 +150,7 @@ class KVCacheManager:
         num_fresh = max(0, cdiv(num_tokens, bs) - len(state.blocks) - len(hits))
         # Hits waiting in the evictable queue are counted as free but are not ours to take.
         num_revived = sum(1 for b in hits if b.ref_cnt == 0)
-        if num_fresh > self.pool.num_free_blocks:
+        if num_fresh > self.pool.num_free_blocks - num_revived:
             return None
         self.pool.touch(hits)
         fresh = self.pool.allocate(num_fresh)

@@ -24,7 +24,6 @@ if not HAS_CUDA:
         )
 
 
-
 def _patch_interpreter_scalar_index() -> None:
     """The Triton 3.6 interpreter turns scalar tensors (shape (1,) arrays) into loop bounds
     with int(array), which NumPy >= 2.4 rejects (triton-lang/triton#9171, fixed upstream

@@ -50,7 +50,7 @@ def make_paged_batch(
     The cache holds random values everywhere (prefix keys included); this step's k/v are
     fresh random rows not yet stored.
     """
-    assert all(1 <= s and q <= s for q, s in zip(q_lens, seq_lens))
+    assert all(1 <= s and q <= s for q, s in zip(q_lens, seq_lens, strict=False))
     blocks_per_req = [-(-s // block_size) for s in seq_lens]
     num_blocks = sum(blocks_per_req) + extra_blocks
     perm = torch.randperm(num_blocks, generator=gen)  # shuffled ids, the largest ones included
@@ -59,7 +59,7 @@ def make_paged_batch(
     block_table = torch.full((len(q_lens), max_blocks), 10**6, dtype=torch.int32)
     slot_mapping: list[int] = []
     used = 0
-    for r, (ql, sl) in enumerate(zip(q_lens, seq_lens)):
+    for r, (ql, sl) in enumerate(zip(q_lens, seq_lens, strict=False)):
         ids = perm[used : used + blocks_per_req[r]]
         used += blocks_per_req[r]
         block_table[r, : len(ids)] = ids.to(torch.int32)
@@ -110,7 +110,7 @@ def attention_reference(batch: PagedBatch, scale: float) -> torch.Tensor:
     num_q_heads = batch.q.shape[1]
     out = torch.empty(batch.q.shape, dtype=torch.float32, device=batch.q.device)
     start = 0
-    for r, (ql, sl) in enumerate(zip(batch.q_lens, batch.seq_lens_list)):
+    for r, (ql, sl) in enumerate(zip(batch.q_lens, batch.seq_lens_list, strict=False)):
         k, v = gather_context(batch, r)
         group = num_q_heads // k.shape[1]
         k = k.float().repeat_interleave(group, dim=1).transpose(0, 1)  # [H, sl, D]

@@ -13,9 +13,15 @@ SEQ_LENS = [1, 16, 17, 33, 64, 7, 95]
 def _run(batch, num_splits, scale):
     out = torch.full_like(batch.q, torch.nan)  # poisoned: every element must be written
     decode_attention(
-        batch.q, batch.kv_cache, batch.block_table, batch.seq_lens, max(batch.seq_lens_list),
-        scale, num_splits=num_splits, out=out,
-    )  # fmt: skip
+        batch.q,
+        batch.kv_cache,
+        batch.block_table,
+        batch.seq_lens,
+        max(batch.seq_lens_list),
+        scale,
+        num_splits=num_splits,
+        out=out,
+    )
     return out
 
 
@@ -31,9 +37,16 @@ def _run(batch, num_splits, scale):
 def test_decode_matches_dense(num_q_heads, num_kv_heads, head_dim, block_size, dtype, device):
     gen = torch.Generator().manual_seed(num_q_heads * 7 + num_kv_heads + head_dim + block_size)
     batch = make_paged_batch(
-        [1] * len(SEQ_LENS), SEQ_LENS, num_q_heads, num_kv_heads, head_dim, block_size, dtype,
-        device, gen,
-    )  # fmt: skip
+        [1] * len(SEQ_LENS),
+        SEQ_LENS,
+        num_q_heads,
+        num_kv_heads,
+        head_dim,
+        block_size,
+        dtype,
+        device,
+        gen,
+    )
     scale = head_dim**-0.5
     ref = attention_reference(batch, scale)
     for num_splits in (1, 3):

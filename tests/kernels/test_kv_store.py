@@ -4,9 +4,9 @@ import dataclasses
 
 import pytest
 import torch
-from tests.kernels.paged_refs import make_paged_batch, store_kv_reference
 
 from kestrel.kernels.kv_store import store_kv
+from tests.kernels.paged_refs import make_paged_batch, store_kv_reference
 
 
 @pytest.mark.parametrize("num_kv_heads,head_dim", [(1, 16), (2, 32), (3, 24)])
@@ -15,9 +15,16 @@ from kestrel.kernels.kv_store import store_kv
 def test_store_kv_matches_indexing(num_kv_heads, head_dim, block_size, dtype, device):
     gen = torch.Generator().manual_seed(num_kv_heads * 100 + head_dim + block_size)
     batch = make_paged_batch(
-        [1, 7, 3, 20], [9, 7, 30, 20], 2 * num_kv_heads, num_kv_heads, head_dim, block_size,
-        dtype, device, gen,
-    )  # fmt: skip
+        [1, 7, 3, 20],
+        [9, 7, 30, 20],
+        2 * num_kv_heads,
+        num_kv_heads,
+        head_dim,
+        block_size,
+        dtype,
+        device,
+        gen,
+    )
     expected = dataclasses.replace(batch, kv_cache=batch.kv_cache.clone())
     store_kv_reference(expected)
     store_kv(batch.k_new, batch.v_new, batch.kv_cache, batch.slot_mapping)
@@ -46,9 +53,17 @@ def test_store_kv_skips_padding_and_accepts_strided_views(device):
 def test_store_kv_bf16_real_shapes(device):
     gen = torch.Generator().manual_seed(1)
     batch = make_paged_batch(
-        [1, 511, 1, 2048], [700, 511, 4097, 3000], 32, 8, 128, 16, torch.bfloat16, device, gen,
+        [1, 511, 1, 2048],
+        [700, 511, 4097, 3000],
+        32,
+        8,
+        128,
+        16,
+        torch.bfloat16,
+        device,
+        gen,
         extra_blocks=1000,
-    )  # fmt: skip
+    )
     expected = batch.kv_cache.clone()
     flat = expected.view(2, -1, 8, 128)
     flat[0, batch.slot_mapping] = batch.k_new

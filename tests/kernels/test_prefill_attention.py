@@ -14,9 +14,15 @@ LENS = [(1, 1), (1, 9), (5, 5), (17, 40), (16, 16), (20, 33), (3, 64)]
 def _run(batch, scale):
     out = torch.full_like(batch.q, torch.nan)  # poisoned: every element must be written
     prefill_attention(
-        batch.q, batch.kv_cache, batch.block_table, batch.query_start_loc, batch.seq_lens,
-        max(batch.q_lens), scale, out=out,
-    )  # fmt: skip
+        batch.q,
+        batch.kv_cache,
+        batch.block_table,
+        batch.query_start_loc,
+        batch.seq_lens,
+        max(batch.q_lens),
+        scale,
+        out=out,
+    )
     return out
 
 
@@ -31,11 +37,18 @@ def _run(batch, scale):
 )
 def test_prefill_matches_dense(num_q_heads, num_kv_heads, head_dim, block_size, dtype, device):
     gen = torch.Generator().manual_seed(num_q_heads * 7 + num_kv_heads + head_dim + block_size)
-    q_lens, seq_lens = zip(*LENS)
+    q_lens, seq_lens = zip(*LENS, strict=False)
     batch = make_paged_batch(
-        list(q_lens), list(seq_lens), num_q_heads, num_kv_heads, head_dim, block_size, dtype,
-        device, gen,
-    )  # fmt: skip
+        list(q_lens),
+        list(seq_lens),
+        num_q_heads,
+        num_kv_heads,
+        head_dim,
+        block_size,
+        dtype,
+        device,
+        gen,
+    )
     scale = head_dim**-0.5
     out = _run(batch, scale)
     assert torch.isfinite(out).all(), "unwritten output rows"
@@ -49,9 +62,15 @@ def test_prefill_batch_slice_runs_against_absolute_rows(device):
     batch = make_paged_batch([1, 1, 9, 4], [7, 30, 12, 4], 4, 2, 16, 4, torch.float32, device, gen)
     out = torch.full_like(batch.q, torch.nan)
     prefill_attention(
-        batch.q, batch.kv_cache, batch.block_table[2:], batch.query_start_loc[2:],
-        batch.seq_lens[2:], 9, 0.25, out=out,
-    )  # fmt: skip
+        batch.q,
+        batch.kv_cache,
+        batch.block_table[2:],
+        batch.query_start_loc[2:],
+        batch.seq_lens[2:],
+        9,
+        0.25,
+        out=out,
+    )
     ref = attention_reference(batch, 0.25)
     assert torch.isnan(out[:2]).all()  # rows of requests 0 and 1 untouched
     assert rel_err(out[2:], ref[2:]) < tolerance(torch.float32, device)
@@ -62,11 +81,19 @@ def test_prefill_batch_slice_runs_against_absolute_rows(device):
 def test_prefill_bf16_real_shapes(head_dim, device):
     gen = torch.Generator().manual_seed(head_dim)
     lens = [(1, 1), (1, 700), (128, 128), (129, 129), (1000, 1000), (300, 2049), (77, 4096)]
-    q_lens, seq_lens = zip(*lens)
+    q_lens, seq_lens = zip(*lens, strict=False)
     batch = make_paged_batch(
-        list(q_lens), list(seq_lens), 32, 8, head_dim, 16, torch.bfloat16, device, gen,
+        list(q_lens),
+        list(seq_lens),
+        32,
+        8,
+        head_dim,
+        16,
+        torch.bfloat16,
+        device,
+        gen,
         extra_blocks=500,
-    )  # fmt: skip
+    )
     out = _run(batch, head_dim**-0.5)
     assert torch.isfinite(out).all()
     assert rel_err(out, attention_reference(batch, head_dim**-0.5)) < 2e-2
@@ -78,15 +105,18 @@ def test_prefill_block_offsets_past_int32(device):
     block_size, num_kv_heads, head_dim = 16, 1, 128
     per_block = block_size * num_kv_heads * head_dim
     num_blocks = 2**31 // per_block + 64
-    cache = torch.empty(2, num_blocks, block_size, num_kv_heads, head_dim, dtype=torch.bfloat16,
-                        device=device)  # fmt: skip
+    cache = torch.empty(
+        2, num_blocks, block_size, num_kv_heads, head_dim, dtype=torch.bfloat16, device=device
+    )
     gen = torch.Generator().manual_seed(5)
-    batch = make_paged_batch([40, 1], [100, 33], 4, 1, head_dim, block_size, torch.bfloat16,
-                             device, gen, extra_blocks=0)  # fmt: skip
+    batch = make_paged_batch(
+        [40, 1], [100, 33], 4, 1, head_dim, block_size, torch.bfloat16, device, gen, extra_blocks=0
+    )
     # Move every used block to the top of the big cache.
     old_ids = batch.block_table[:, :7].clone()
-    new_ids = torch.arange(num_blocks - old_ids.numel(), num_blocks, device=device,
-                           dtype=torch.int32).view_as(old_ids)  # fmt: skip
+    new_ids = torch.arange(
+        num_blocks - old_ids.numel(), num_blocks, device=device, dtype=torch.int32
+    ).view_as(old_ids)
     used = old_ids < batch.kv_cache.shape[1]
     cache[:, new_ids[used].long()] = batch.kv_cache[:, old_ids[used].long()]
     batch.block_table[:, :7] = torch.where(used, new_ids, old_ids)

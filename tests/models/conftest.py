@@ -1,10 +1,9 @@
 """Fixtures for model tests: a paged-KV driver for kestrel models.
 
-(`tiny_model(arch, shard=False, **overrides)`, the session cache of tiny random checkpoints,
-lives in tests/conftest.py.) `paged_runner(model, hf_config)` returns a `PagedRunner`, which
-plays the model runner's part: it owns per-layer KV caches, hands out shuffled block ids, builds `AttentionMetadata` and
-runs one varlen forward per `step` with the reference attention backend.
-"""
+`paged_runner(model, hf_config)` returns a `PagedRunner`, which plays the model runner's part:
+it owns per-layer KV caches, hands out shuffled block ids, builds `AttentionMetadata` and runs
+one varlen forward per `step` with the reference attention backend. (`tiny_model`, the session
+cache of tiny random checkpoints, lives in tests/conftest.py.)"""
 
 from __future__ import annotations
 
@@ -33,9 +32,12 @@ class PagedRunner:
         seed: int = 0,
     ) -> None:
         num_layers, num_kv_heads, head_dim = kv_cache_shape_info(hf_config)
-        dtype = next(model.parameters()).dtype
+        weight = next(model.parameters())
+        self.device = weight.device
         shape = (2, num_blocks, block_size, num_kv_heads, head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=dtype) for _ in range(num_layers)]
+        self.kv_caches = [
+            torch.zeros(shape, dtype=weight.dtype, device=self.device) for _ in range(num_layers)
+        ]
         self.model = model
         self.block_size = block_size
         # Shuffled so that a request's blocks are neither contiguous nor ordered.
@@ -69,16 +71,18 @@ class PagedRunner:
             num_tokens=len(ids),
             max_query_len=max(len(t) for t in chunks.values()),
             max_seq_len=max(seq_lens),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-            block_table=torch.tensor(tables, dtype=torch.int32),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64),
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=self.device),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=self.device),
+            block_table=torch.tensor(tables, dtype=torch.int32, device=self.device),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=self.device),
             query_start_loc_cpu=starts,
             seq_lens_cpu=seq_lens,
         )
         ctx = ForwardContext(meta, self.kv_caches, ReferenceAttentionBackend())
         with set_forward_context(ctx):
-            hidden = self.model(torch.tensor(ids), torch.tensor(positions))
+            hidden = self.model(
+                torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device)
+            )
         logits = self.model.compute_logits(hidden)
         return {req: logits[starts[i] : starts[i + 1]] for i, req in enumerate(chunks)}
 

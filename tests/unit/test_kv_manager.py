@@ -45,13 +45,14 @@ def admit(kv: KVCacheManager, req: Request, num_new: int | None = None) -> list[
     return ids
 
 
-def snapshot(kv: KVCacheManager) -> tuple:
+def snapshot(kv: KVCacheManager, request_ids: list[str] | None = None) -> tuple:
+    """Everything an allocation could change."""
     pool = kv.pool
     return (
         [(b.ref_cnt, b.block_hash) for b in pool.blocks],
         pool.evictable_block_ids(),
         pool.num_free_blocks,
-        {rid: kv.get_block_ids(rid) for rid in ("a", "b", "c")},
+        {rid: kv.get_block_ids(rid) for rid in request_ids or ("a", "b", "c")},
     )
 
 
@@ -376,10 +377,11 @@ class KVManagerMachine(RuleBasedStateMachine):
             req.append_output_tokens([rng % 2])  # the sampled token
 
     def _allocate(self, req, num_new, hits=None, num_hit=0) -> list[int] | None:
-        before = snapshot_all(self.kv)
+        live = [r.request_id for r in self.waiting + self.running]
+        before = snapshot(self.kv, live)
         ids = self.kv.allocate_slots(req, num_new, hits, num_hit)
         if ids is None:
-            assert snapshot_all(self.kv) == before
+            assert snapshot(self.kv, live) == before
         else:
             self._mark_fresh(ids[len(hits or []) :])
         return ids
@@ -482,16 +484,6 @@ class KVManagerMachine(RuleBasedStateMachine):
         assert kv.num_free_blocks == kv.num_blocks and kv.usage == 0.0
         assert all(b.ref_cnt == 0 for b in kv.pool.blocks)
         assert kv.pool.num_evictable_blocks == kv.pool.num_cached_blocks
-
-
-def snapshot_all(kv: KVCacheManager) -> tuple:
-    pool = kv.pool
-    return (
-        [(b.ref_cnt, b.block_hash) for b in pool.blocks],
-        pool.evictable_block_ids(),
-        pool.num_free_blocks,
-        {rid: kv.get_block_ids(rid) for rid in kv._requests},
-    )
 
 
 KVManagerMachine.TestCase.settings = settings(

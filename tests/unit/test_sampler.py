@@ -128,6 +128,20 @@ def test_top_k_support():
     assert support(row, SamplingParams(top_k=100)) == set(range(6))
 
 
+def test_top_k_keeps_ties_with_the_kth_logit():
+    assert support([2.0, 1.0, 1.0, 0.0], SamplingParams(top_k=2)) == {0, 1, 2}
+
+
+def test_rows_without_filters_keep_every_token_next_to_filtered_rows():
+    torch.manual_seed(3)
+    row = logits_of([0.4, 0.3, 0.2, 0.06, 0.04])
+    params = [SamplingParams(top_k=2), SamplingParams(), SamplingParams(top_k=3, top_p=0.5)]
+    out = sample(torch.tensor([row]).repeat(3 * 2000, 1), params * 2000)
+    assert set(out[0::3]) == {0, 1}
+    assert set(out[1::3]) == set(range(5))
+    assert set(out[2::3]) == {0, 1}
+
+
 def test_top_p_support():
     row = logits_of([0.4, 0.3, 0.2, 0.06, 0.04])
     assert support(row, SamplingParams(top_p=0.65)) == {0, 1}

@@ -108,9 +108,12 @@ def merge_states(
     check_last_dim_contiguous("parts_out", parts_out)
     if out is None:
         out = torch.empty(
-            num_tokens, num_heads, head_dim, dtype=out_dtype or parts_out.dtype,
+            num_tokens,
+            num_heads,
+            head_dim,
+            dtype=out_dtype or parts_out.dtype,
             device=parts_out.device,
-        )  # fmt: skip
+        )
     assert out.shape == (num_tokens, num_heads, head_dim), f"out {tuple(out.shape)}"
     check_last_dim_contiguous("out", out)
     if out_lse is not None:

@@ -41,10 +41,27 @@ class PrefillConfig(NamedTuple):
 
 @triton.jit
 def _attend_tiles(
-    acc, l_i, m_i, q, cache_ptr, bt_row, head_off, stride_c_kv, stride_c_block, stride_c_slot,
-    q_pos, lo, hi, kv_end, qk_scale, offs_d, d_mask,
-    BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, CAUSAL_MASK: tl.constexpr,
-):  # fmt: skip
+    acc,
+    l_i,
+    m_i,
+    q,
+    cache_ptr,
+    bt_row,
+    head_off,
+    stride_c_kv,
+    stride_c_block,
+    stride_c_slot,
+    q_pos,
+    lo,
+    hi,
+    kv_end,
+    qk_scale,
+    offs_d,
+    d_mask,
+    BLOCK_N: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    CAUSAL_MASK: tl.constexpr,
+):
     """Online-softmax update of (acc, l_i, m_i) with keys [lo, hi), in log2 units."""
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -136,15 +153,49 @@ def _prefill_kernel(
     kv_end = tl.minimum(seq_len, prefix + m0 + BLOCK_M)  # past the last row's position
     full_end = ((prefix + m0 + 1) // BLOCK_N) * BLOCK_N  # tiles every row sees in full
     acc, l_i, m_i = _attend_tiles(
-        acc, l_i, m_i, q, cache_ptr, bt_row, head_off, stride_c_kv, stride_c_block,
-        stride_c_slot, q_pos, 0, full_end, kv_end, qk_scale, offs_d, d_mask,
-        BLOCK_N, PAGE_SIZE, False,
-    )  # fmt: skip
+        acc,
+        l_i,
+        m_i,
+        q,
+        cache_ptr,
+        bt_row,
+        head_off,
+        stride_c_kv,
+        stride_c_block,
+        stride_c_slot,
+        q_pos,
+        0,
+        full_end,
+        kv_end,
+        qk_scale,
+        offs_d,
+        d_mask,
+        BLOCK_N,
+        PAGE_SIZE,
+        False,
+    )
     acc, l_i, m_i = _attend_tiles(
-        acc, l_i, m_i, q, cache_ptr, bt_row, head_off, stride_c_kv, stride_c_block,
-        stride_c_slot, q_pos, full_end, kv_end, kv_end, qk_scale, offs_d, d_mask,
-        BLOCK_N, PAGE_SIZE, True,
-    )  # fmt: skip
+        acc,
+        l_i,
+        m_i,
+        q,
+        cache_ptr,
+        bt_row,
+        head_off,
+        stride_c_kv,
+        stride_c_block,
+        stride_c_slot,
+        q_pos,
+        full_end,
+        kv_end,
+        kv_end,
+        qk_scale,
+        offs_d,
+        d_mask,
+        BLOCK_N,
+        PAGE_SIZE,
+        True,
+    )
 
     out = acc / l_i[:, None]
     tl.store(

@@ -1,0 +1,242 @@
+"""Benchmark paged decode and causal prefill attention against PyTorch SDPA.
+
+    python benchmarks/kernels/bench_attention.py [--sweep] [--scaling]
+
+Decode reports achieved TB/s (K/V bytes read once) next to the measured copy bandwidth;
+prefill reports TFLOP/s (causal: 2 * B * H * N^2 * D) next to the measured bf16 matmul rate.
+SDPA peers (flash, cuDNN) run on contiguous K/V, so they skip the page indirection.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+from bench_utils import (
+    bench_rotating,
+    copy_bandwidth_tbps,
+    device_summary,
+    matmul_tflops,
+    print_table,
+)
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from kestrel.kernels.attention.decode import DecodeConfig, choose_num_splits, decode_attention
+from kestrel.kernels.attention.prefill import PrefillConfig, prefill_attention
+from kestrel.kernels.kv_store import store_kv
+
+DTYPE = torch.bfloat16
+PAGE = 16
+SDPA_BACKENDS = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION}
+
+
+def _paged_cache(k: torch.Tensor, v: torch.Tensor, gen: torch.Generator):
+    """Scatter contiguous [B, N, Hkv, D] k/v into a cache of shuffled pages."""
+    batch, seq, num_kv_heads, head_dim = k.shape
+    pages = batch * seq // PAGE
+    perm = torch.randperm(pages, generator=gen).to("cuda")
+    block_table = perm.view(batch, seq // PAGE).to(torch.int32)
+    cache = torch.empty(2, pages, PAGE, num_kv_heads, head_dim, dtype=k.dtype, device="cuda")
+    pos = torch.arange(seq, device="cuda")
+    slots = (block_table.long()[:, pos // PAGE] * PAGE + pos % PAGE).reshape(-1)
+    store_kv(
+        k.reshape(-1, num_kv_heads, head_dim), v.reshape(-1, num_kv_heads, head_dim), cache, slots
+    )
+    return cache, block_table
+
+
+def _sdpa(name: str, q, k, v, causal: bool, gqa: bool):
+    """q [B, Hq, M, D], k/v [B, Hkv, N, D]; None if the backend refuses these inputs."""
+
+    def run(q, k, v):
+        with sdpa_kernel(SDPA_BACKENDS[name]):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+
+    try:
+        run(q, k, v)
+        torch.cuda.synchronize()
+        return run
+    except RuntimeError:
+        return None
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def make_decode_inputs(batch, ctx, hq=32, hkv=8, d=128, sets=2):
+    """Rotating sets of (q, k, v, cache, block_table, seq_lens) plus an fp32 reference."""
+    gen = torch.Generator().manual_seed(batch * 131 + ctx)
+    inputs = []
+    for _ in range(sets):
+        q = torch.randn(batch, hq, d, device="cuda", dtype=DTYPE)
+        k = torch.randn(batch, ctx, hkv, d, device="cuda", dtype=DTYPE)
+        v = torch.randn(batch, ctx, hkv, d, device="cuda", dtype=DTYPE)
+        cache, bt = _paged_cache(k, v, gen)
+        seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+        inputs.append((q, k, v, cache, bt, seq_lens))
+    q, k, v = inputs[0][:3]
+    ref = F.scaled_dot_product_attention(
+        q[:, :, None].float(),
+        k.transpose(1, 2).float(),
+        v.transpose(1, 2).float(),
+        enable_gqa=True,
+    )[:, :, 0]
+    return inputs, ref
+
+
+def run_decode(inputs, ref, config=None, num_splits=None, peers=True):
+    """{impl: ms}, {impl: TB/s} and kestrel's error for decode over prepared inputs."""
+    batch, ctx, hkv, d = inputs[0][1].shape
+    nbytes = 2 * batch * ctx * hkv * d * DTYPE.itemsize  # K and V, each read once
+
+    def ours(q, k, v, cache, bt, seq_lens):
+        return decode_attention(q, cache, bt, seq_lens, ctx, d**-0.5, num_splits, config=config)
+
+    err = _rel_err(ours(*inputs[0]), ref)
+    ms = {"kestrel": bench_rotating(ours, inputs)}
+    if peers:
+        sdpa_in = [
+            (x[0][:, :, None], x[1].transpose(1, 2).contiguous(), x[2].transpose(1, 2).contiguous())
+            for x in inputs
+        ]
+        for name in SDPA_BACKENDS:
+            fn = _sdpa(name, *sdpa_in[0], causal=False, gqa=True)
+            ms[name] = bench_rotating(fn, sdpa_in) if fn else float("nan")
+    return ms, {name: nbytes / t / 1e9 for name, t in ms.items()}, err
+
+
+def make_prefill_inputs(batch=4, seq=4096, hq=32, hkv=32, d=128, sets=2):
+    gen = torch.Generator().manual_seed(seq + hkv)
+    inputs = []
+    for _ in range(sets):
+        q = torch.randn(batch, seq, hq, d, device="cuda", dtype=DTYPE)
+        k = torch.randn(batch, seq, hkv, d, device="cuda", dtype=DTYPE)
+        v = torch.randn(batch, seq, hkv, d, device="cuda", dtype=DTYPE)
+        cache, bt = _paged_cache(k, v, gen)
+        inputs.append((q, k, v, cache, bt))
+    return inputs
+
+
+def run_prefill(inputs, config=None, peers=True):
+    """{impl: ms}, {impl: TFLOP/s} and kestrel's error vs SDPA flash."""
+    batch, seq, hq, d = inputs[0][0].shape
+    hkv = inputs[0][1].shape[2]
+    qsl = torch.arange(0, batch + 1, device="cuda", dtype=torch.int32) * seq
+    seq_lens = torch.full((batch,), seq, dtype=torch.int32, device="cuda")
+    flops = 2 * batch * hq * seq * seq * d  # QK^T and PV, half the square under the mask
+
+    def ours(q, k, v, cache, bt):
+        return prefill_attention(
+            q.view(-1, hq, d), cache, bt, qsl, seq_lens, seq, d**-0.5, config=config
+        )
+
+    sdpa_in = [tuple(t.transpose(1, 2) for t in x[:3]) for x in inputs]  # [B, H, N, D] views
+    flash = _sdpa("sdpa-flash", *sdpa_in[0], causal=True, gqa=hq != hkv)
+    ref = flash(*sdpa_in[0]).transpose(1, 2).reshape(-1, hq, d) if flash else None
+    err = _rel_err(ours(*inputs[0]), ref) if ref is not None else float("nan")
+    ms = {"kestrel": bench_rotating(ours, inputs)}
+    if peers:
+        for name in SDPA_BACKENDS:
+            fn = _sdpa(name, *sdpa_in[0], causal=True, gqa=hq != hkv)
+            ms[name] = bench_rotating(fn, sdpa_in) if fn else float("nan")
+    return ms, {name: flops / t / 1e9 for name, t in ms.items()}, err
+
+
+def sweep() -> None:
+    print("\n# decode sweep: batch 64, ctx 4096, 32/8 heads, d 128 (TB/s)")
+    inputs, ref = make_decode_inputs(64, 4096, sets=1)
+    rows = []
+    for bn in (32, 64, 128):
+        for warps in (2, 4, 8):
+            for stages in (2, 3, 4):
+                for splits in (1, 2, 4):
+                    cfg = DecodeConfig(bn, warps, stages)
+                    try:
+                        _, rate, err = run_decode(inputs, ref, cfg, splits, peers=False)
+                        rows.append((bn, warps, stages, splits, rate["kestrel"], err))
+                    except Exception as exc:  # out of shared memory for this tile shape
+                        rows.append((bn, warps, stages, splits, float("nan"), type(exc).__name__))
+    print_table(["block_n", "warps", "stages", "splits", "TB/s", "rel_err"], rows)
+    del inputs, ref
+    print("\n# prefill sweep: 4 x 32 heads x 4096, d 128, causal (TFLOP/s)")
+    inputs = make_prefill_inputs(sets=1)
+    rows = []
+    for bm, bn, warps, stages in [
+        (128, 64, 8, 3),
+        (128, 64, 4, 3),
+        (128, 128, 8, 3),
+        (128, 128, 8, 2),
+        (128, 64, 8, 4),
+        (128, 32, 4, 4),
+        (64, 64, 4, 3),
+        (64, 128, 4, 3),
+        (128, 128, 4, 2),
+        (256, 64, 8, 3),
+    ]:
+        try:
+            _, rate, err = run_prefill(inputs, PrefillConfig(bm, bn, warps, stages), peers=False)
+            rows.append((bm, bn, warps, stages, rate["kestrel"], err))
+        except Exception as exc:  # out of shared memory/registers for this tile shape
+            rows.append((bm, bn, warps, stages, float("nan"), type(exc).__name__))
+    print_table(["block_m", "block_n", "warps", "stages", "TFLOP/s", "rel_err"], rows)
+
+
+def scaling() -> None:
+    print("\n# decode scaling (TB/s, default config, auto splits); 32/8 heads, d 128")
+    rows = []
+    for batch in (1, 8, 64, 256, 512):
+        for ctx in (128, 1024, 4096, 32768):
+            if batch * ctx > 4 * 2**20:  # keep each cache under 16 GiB
+                continue
+            inputs, ref = make_decode_inputs(batch, ctx, sets=1)
+            ms, rate, _ = run_decode(inputs, ref)
+            del inputs, ref
+            splits = choose_num_splits(batch, 8, ctx, torch.device("cuda"))
+            rows.append(
+                (
+                    batch,
+                    ctx,
+                    splits,
+                    ms["kestrel"] * 1e3,
+                    rate["kestrel"],
+                    rate["sdpa-flash"],
+                    rate["sdpa-cudnn"],
+                )
+            )
+    print_table(["batch", "ctx", "splits", "us", "kestrel", "flash", "cudnn"], rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sweep", action="store_true", help="tile/warp/stage/split sweeps")
+    parser.add_argument("--scaling", action="store_true", help="decode batch x context table")
+    args = parser.parse_args()
+    print(device_summary())
+    copy_bw, mm = copy_bandwidth_tbps(), matmul_tflops()
+    print(f"ceilings: copy {copy_bw:.2f} TB/s (read+write), bf16 matmul {mm:.0f} TFLOP/s")
+    if args.sweep:
+        sweep()
+    if args.scaling:
+        scaling()
+
+    ms, rate, err = run_decode(*make_decode_inputs(64, 4096))
+    print("\n# decode: batch 64, ctx 4096, 32 q / 8 kv heads, d 128, bf16, page 16")
+    print_table(
+        ["impl", "us", "TB/s", "of copy bw"],
+        [(n, ms[n] * 1e3, rate[n], rate[n] / copy_bw) for n in rate],
+    )
+    print(f"kestrel rel err vs fp32 SDPA: {err:.2e}")
+    for hkv in (32, 8):
+        ms, rate, err = run_prefill(make_prefill_inputs(hkv=hkv))
+        print(f"\n# prefill: 4 x 32 q / {hkv} kv heads x 4096, d 128, causal, bf16, page 16")
+        print_table(
+            ["impl", "ms", "TFLOP/s", "of matmul"],
+            [(n, ms[n], rate[n], rate[n] / mm) for n in rate],
+        )
+        print(f"kestrel rel err vs SDPA flash: {err:.2e}")
+
+
+if __name__ == "__main__":
+    main()
