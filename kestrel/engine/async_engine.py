@@ -151,6 +151,7 @@ class AsyncEngine:
         self.max_model_len: int = self._engine.max_model_len
         self.vocab_size: int = self._engine.vocab_size
         self.config: EngineConfig = self._engine.config
+        self.default_params: SamplingParams = self._engine.default_params
 
     # ------------------------------------------------------------------ public API
     @property

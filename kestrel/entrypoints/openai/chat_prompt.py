@@ -1,4 +1,4 @@
-"""Chat messages -> prompt token ids, without letting message text smuggle in control tokens.
+r"""Chat messages -> prompt token ids, without letting message text smuggle in control tokens.
 
 Owns the rendering of OpenAI messages through the model's chat template and their
 tokenization. Must not call the engine.
@@ -8,10 +8,11 @@ plain text, not the tokenizer's control tokens, or they could end their turn ear
 system turn. When any message string contains a special token's text (and the server does not
 allow it), each such occurrence is swapped for a private-use sentinel before rendering:
 
-    render(messages with sentinels) = "<s>user: hi \ue000 0 \ue000 there\nassistant:"
-    split at the template's own special tokens -> ["", "<s>", "user: hi <S> there\n..."]
-    text pieces (sentinels restored to "</s>") are encoded with special tokens split into
-    ordinary text tokens; the template's control tokens map to their ids.
+    content "hi </s> there"  ->  "hi \ue0000\ue000 there"   (sentinel for "</s>")
+    render  ->  "<s>user: hi \ue0000\ue000 there\nassistant:"
+    split at the template's own special tokens  ->  "<s>" | "user: hi </s> there\n..."
+    the text pieces (sentinels restored) are encoded with special tokens split into ordinary
+    text tokens; the template's control tokens map to their ids.
 
 Conversations without such text take the plain path (render, then encode), so their ids are
 exactly what `tokenizer.apply_chat_template(..., tokenize=True)` gives.
