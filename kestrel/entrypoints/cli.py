@@ -93,7 +93,7 @@ def run_generate(args: argparse.Namespace, groups: dict[str, list[str]]) -> int:
     from kestrel.engine.llm import LLM
 
     engine_opts = _collect(args, groups["engine"])
-    model = engine_opts.pop("model", None)
+    model = engine_opts.pop("model", None) or None  # None: the shipped default model
     params = SamplingParams(**_collect(args, groups["sampling"]))
     llm = LLM(model, **engine_opts)
     if args.chat:

@@ -8,9 +8,9 @@ the engine or know about HTTP.
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kestrel.sampling_params import SamplingParams
 
@@ -19,9 +19,30 @@ MAX_STOP = 32  # most stop strings
 MAX_LOGPROBS = 20  # SamplingParams' limit on top logprobs
 
 
+def _reject_surrogates(value: Any, path: str = "") -> None:
+    """JSON may carry lone UTF-16 surrogates ("\\ud800"), which no tokenizer or UTF-8
+    response can hold: refuse them up front."""
+    if isinstance(value, str):
+        if any("\ud800" <= c <= "\udfff" for c in value):
+            raise ValueError(f"{path or 'a string'} contains a lone surrogate (invalid unicode)")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _reject_surrogates(key, path)
+            _reject_surrogates(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _reject_surrogates(item, f"{path}[{i}]")
+
+
 class _Model(BaseModel):
     # Unknown fields are ignored, as OpenAI clients send fields kestrel does not use.
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        _reject_surrogates(data)
+        return data
 
 
 class ErrorInfo(_Model):
@@ -46,7 +67,7 @@ class _SamplingRequest(_Model):
     n: int = Field(1, ge=1, le=MAX_N)
     temperature: float | None = None
     top_p: float | None = None
-    stop: str | list[str] | None = Field(None, max_length=MAX_STOP)
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -165,7 +186,7 @@ class ContentPart(_Model):
     text: str | None = None
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(_Model):
     # Extra fields (name, tool_calls, ...) are passed through to the chat template.
     model_config = ConfigDict(extra="allow")
     role: str = Field(..., min_length=1)
