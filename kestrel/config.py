@@ -21,6 +21,7 @@ class ModelConfig:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda
     attention_backend: str = "auto"  # auto (triton on GPU, reference on CPU) | triton | reference
+    enforce_eager: bool = False  # never use CUDA graphs (debugging; graphs are GPU-only anyway)
     max_model_len: int | None = None  # prompt + output cap; None = config's max_position_embeddings
     global_seed: int = 0  # seeds sampling of requests that carry no seed of their own
     # Use generation_config.json sampling defaults (temperature, top_p, top_k, ...) when the user

@@ -46,11 +46,43 @@ class StepInputs:
     prompt_logprob_spans: dict[str, tuple[int, int, int]]
 
 
+class _HostStaging:
+    """Host buffers reused every step (pinned on GPU so copies can be asynchronous).
+
+    NOTE: reuse is safe because each step ends with a host sync on the sampled tokens, after
+    which the previous step's copies have completed.
+    """
+
+    def __init__(self, max_tokens: int, max_reqs: int, max_blocks: int, pin: bool) -> None:
+        def buf(*shape: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+            return torch.zeros(*shape, dtype=dtype, pin_memory=pin)
+
+        self.input_ids = buf(max_tokens)
+        self.positions = buf(max_tokens)
+        self.slot_mapping = buf(max_tokens)
+        self.query_start_loc = buf(max_reqs + 1, dtype=torch.int32)
+        self.seq_lens = buf(max_reqs, dtype=torch.int32)
+        self.block_table = buf(max_reqs, max_blocks, dtype=torch.int32)
+        self.max_tokens, self.max_reqs, self.max_blocks = max_tokens, max_reqs, max_blocks
+
+
 class InputBatch:
-    def __init__(self, block_size: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        block_size: int,
+        device: torch.device,
+        max_tokens: int = 0,
+        max_reqs: int = 0,
+        max_blocks_per_req: int = 0,
+    ) -> None:
         self.block_size = block_size
         self.device = device
         self.states: dict[str, CachedRequestState] = {}
+        self._staging = (
+            _HostStaging(max_tokens, max_reqs, max_blocks_per_req, device.type == "cuda")
+            if max_tokens > 0
+            else None
+        )
 
     def update(self, out: SchedulerOutput) -> None:
         for rid in out.finished_req_ids:
@@ -121,24 +153,47 @@ class InputBatch:
         max_blocks = max(len(self.states[r].block_ids) for r in req_ids)
         table = [self.states[r].block_ids + [0] * (max_blocks - len(self.states[r].block_ids))
                  for r in req_ids]
+        host = self._to_host(ids, pos, slots, qsl, seq_lens, table)
         dev = self.device
+        input_ids, positions, slot_mapping, qsl_t, seq_lens_t, table_t = (
+            t.to(dev, non_blocking=True) for t in host
+        )
         meta = AttentionMetadata(
             num_tokens=len(ids),
             max_query_len=max(b - a for a, b in zip(qsl, qsl[1:])),
             max_seq_len=max(seq_lens),
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_table=torch.tensor(table, dtype=torch.int32, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            query_start_loc=qsl_t,
+            seq_lens=seq_lens_t,
+            block_table=table_t,
+            slot_mapping=slot_mapping,
             query_start_loc_cpu=qsl,
             seq_lens_cpu=seq_lens,
         )
         return StepInputs(
-            input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
-            positions=torch.tensor(pos, dtype=torch.int64, device=dev),
+            input_ids=input_ids,
+            positions=positions,
             attn_metadata=meta,
             req_ids=req_ids,
             sample_rows=sample_rows,
             sample_req_ids=sample_req_ids,
             prompt_logprob_spans=spans,
         )
+
+    def _to_host(self, ids: list[int], pos: list[int], slots: list[int], qsl: list[int],
+                 seq_lens: list[int], table: list[list[int]]) -> tuple[torch.Tensor, ...]:
+        """Host tensors of the step's inputs: views of the staging buffers when they fit."""
+        st = self._staging
+        n, r, w = len(ids), len(seq_lens), len(table[0])
+        if st is None or n > st.max_tokens or r > st.max_reqs or w > st.max_blocks:
+            i64, i32 = torch.int64, torch.int32
+            return (torch.tensor(ids, dtype=i64), torch.tensor(pos, dtype=i64),
+                    torch.tensor(slots, dtype=i64), torch.tensor(qsl, dtype=i32),
+                    torch.tensor(seq_lens, dtype=i32), torch.tensor(table, dtype=i32))
+        st.input_ids.numpy()[:n] = ids
+        st.positions.numpy()[:n] = pos
+        st.slot_mapping.numpy()[:n] = slots
+        st.query_start_loc.numpy()[: r + 1] = qsl
+        st.seq_lens.numpy()[:r] = seq_lens
+        st.block_table.numpy()[:r, :w] = table
+        return (st.input_ids[:n], st.positions[:n], st.slot_mapping[:n],
+                st.query_start_loc[: r + 1], st.seq_lens[:r], st.block_table[:r, :w])

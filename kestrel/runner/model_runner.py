@@ -16,6 +16,7 @@ from kestrel.config import CacheConfig, ModelConfig, SchedulerConfig
 from kestrel.kv import memory
 from kestrel.models.loader import kv_cache_shape_info, load_hf_config, load_model
 from kestrel.outputs import ModelOutput, TokenLogprobs
+from kestrel.runner.cuda_graphs import CUDAGraphRunner
 from kestrel.runner.forward_context import ForwardContext, set_forward_context
 from kestrel.runner.input_batch import CachedRequestState, InputBatch, StepInputs
 from kestrel.runner.sampler import (
@@ -46,12 +47,16 @@ class ModelRunner:
         self.hf_config = load_hf_config(model.model)
         self.model = load_model(model.model, self.hf_config, self.dtype, self.device)
         self.vocab_size = int(self.hf_config.vocab_size)
-        logger.info("weights loaded in %.2f s", time.perf_counter() - t0)
         self.num_layers, self.num_kv_heads, self.head_dim = kv_cache_shape_info(self.hf_config)
         self.backend = _select_backend(model.attention_backend, self.device)
-        self.batch = InputBatch(cache.block_size, self.device)
+        self.batch = InputBatch(
+            cache.block_size, self.device, scheduler.max_num_batched_tokens,
+            scheduler.max_num_seqs, cdiv(scheduler.max_model_len, cache.block_size),
+        )
         self.sampler = Sampler()
         self.kv_caches: list[torch.Tensor] = []
+        self.graphs: CUDAGraphRunner | None = None
+        self.timings = {"load_weights_s": time.perf_counter() - t0}
 
     # ------------------------------------------------------------------ KV cache
     def determine_num_blocks(self) -> int:
@@ -67,7 +72,9 @@ class ModelRunner:
             if cache.kv_cache_memory is not None:
                 budget = cache.kv_cache_memory
             elif self.device.type == "cuda":
+                t0 = time.perf_counter()
                 budget = self._profile_gpu_budget()
+                self.timings["profile_s"] = time.perf_counter() - t0
             else:
                 budget = memory.CPU_DEFAULT_KV_BYTES
             useful = sched.max_num_seqs * per_seq + 1
@@ -119,10 +126,22 @@ class ModelRunner:
         return max(budget, 0)
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
+        t0 = time.perf_counter()
         self.kv_caches = memory.allocate_kv_caches(
             self.num_layers, num_blocks, self.cache_config.block_size, self.num_kv_heads,
             self.head_dim, self.dtype, self.device,
         )
+        self.timings["kv_alloc_s"] = time.perf_counter() - t0
+        if self.device.type == "cuda" and not self.model_config.enforce_eager:
+            t0 = time.perf_counter()
+            sched = self.scheduler_config
+            self.graphs = CUDAGraphRunner(
+                self.model, self.backend, self.kv_caches, sched.max_num_seqs,
+                sched.max_model_len, self.cache_config.block_size, self.device,
+            )
+            self.graphs.capture()
+            self.timings["graph_capture_s"] = time.perf_counter() - t0
+        logger.info("startup: %s", ", ".join(f"{k} {v:.2f}" for k, v in self.timings.items()))
 
     # ------------------------------------------------------------------ step
     @torch.inference_mode()
@@ -131,9 +150,12 @@ class ModelRunner:
         if out.total_num_scheduled_tokens == 0:
             return ModelOutput()
         inputs = self.batch.prepare(out)
-        ctx = ForwardContext(inputs.attn_metadata, self.kv_caches, self.backend)
-        with set_forward_context(ctx):
-            hidden = self.model(inputs.input_ids, inputs.positions)  # [num_tokens, hidden]
+        meta = inputs.attn_metadata
+        if self.graphs is not None and self.graphs.can_run(meta):
+            hidden = self.graphs.run(inputs.input_ids, inputs.positions, meta)
+        else:
+            with set_forward_context(ForwardContext(meta, self.kv_caches, self.backend)):
+                hidden = self.model(inputs.input_ids, inputs.positions)  # [num_tokens, hidden]
         sampled, logprobs = self._sample(hidden, inputs)
         prompt_logprobs = self._prompt_logprobs(hidden, inputs)
         result = ModelOutput(req_ids=inputs.req_ids, prompt_logprobs=prompt_logprobs)

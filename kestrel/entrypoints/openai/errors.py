@@ -81,6 +81,8 @@ def validation_error(errors: list[dict[str, Any]]) -> APIError:
         return APIError(400, f"the request body is not valid JSON: {message}")
     if first.get("type") == "missing":
         return APIError(400, f"{field or 'body'} is required", param=field or None)
+    if first.get("type") == "value_error":  # our own validators: the message names the field
+        return bad_request(message.removeprefix("Value error, "))
     text = f"{field}: {message}" if field else message
     if len(errors) > 1:
         text += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from kestrel.engine.async_engine import AsyncEngine, RequestStream
@@ -150,7 +150,7 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     return task.result()
 
 
-class EventStreamResponse(Response):
+class EventStreamResponse(StreamingResponse):
     """Server-sent events from an async iterator of `data:` payloads (dicts or strings).
 
     Unlike a plain streaming response it watches for the client's disconnect the whole time
@@ -161,7 +161,7 @@ class EventStreamResponse(Response):
     media_type = "text/event-stream"
 
     def __init__(self, events: AsyncIterator[Any]) -> None:
-        super().__init__(status_code=200, media_type=self.media_type,
+        super().__init__(events, status_code=200, media_type=self.media_type,
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.events = events
 
