@@ -148,10 +148,10 @@ def sweep() -> None:
     print("\n# decode sweep: batch 64, ctx 4096, 32/8 heads, d 128 (TB/s)")
     inputs, ref = make_decode_inputs(64, 4096, sets=1)
     rows = []
-    for bn in (32, 64, 128):
-        for warps in (2, 4, 8):
-            for stages in (2, 3, 4):
-                for splits in (1, 2, 4):
+    for bn in (64,):
+        for warps in (2, 4):
+            for stages in (3,):
+                for splits in (1, 2, 3, 4, 8):
                     cfg = DecodeConfig(bn, warps, stages)
                     try:
                         _, rate, err = run_decode(inputs, ref, cfg, splits, peers=False)
@@ -163,24 +163,27 @@ def sweep() -> None:
     print("\n# prefill sweep: 4 x 32 heads x 4096, d 128, causal (TFLOP/s)")
     inputs = make_prefill_inputs(sets=1)
     rows = []
-    for bm, bn, warps, stages in [
-        (128, 64, 8, 3),
-        (128, 64, 4, 3),
-        (128, 128, 8, 3),
-        (128, 128, 8, 2),
-        (128, 64, 8, 4),
-        (128, 32, 4, 4),
-        (64, 64, 4, 3),
-        (64, 128, 4, 3),
-        (128, 128, 4, 2),
-        (256, 64, 8, 3),
-    ]:
+    configs = [
+        PrefillConfig(128, 64, 8, 3),
+        PrefillConfig(128, 128, 8, 3),
+        PrefillConfig(128, 32, 4, 4),
+        PrefillConfig(256, 64, 8, 3),
+        PrefillConfig(256, 64, 8, 2),
+        PrefillConfig(256, 32, 8, 3),
+        PrefillConfig(256, 32, 8, 4),
+        PrefillConfig(256, 64, 16, 3),
+        PrefillConfig(256, 128, 16, 2),
+        PrefillConfig(128, 64, 4, 3, True),
+        PrefillConfig(128, 128, 8, 3, True),
+        PrefillConfig(256, 64, 8, 3, True),
+    ]
+    for cfg in configs:
         try:
-            _, rate, err = run_prefill(inputs, PrefillConfig(bm, bn, warps, stages), peers=False)
-            rows.append((bm, bn, warps, stages, rate["kestrel"], err))
+            _, rate, err = run_prefill(inputs, cfg, peers=False)
+            rows.append((*cfg, rate["kestrel"], err))
         except Exception as exc:  # out of shared memory/registers for this tile shape
-            rows.append((bm, bn, warps, stages, float("nan"), type(exc).__name__))
-    print_table(["block_m", "block_n", "warps", "stages", "TFLOP/s", "rel_err"], rows)
+            rows.append((*cfg, float("nan"), type(exc).__name__))
+    print_table(["block_m", "block_n", "warps", "stages", "ws", "TFLOP/s", "rel_err"], rows)
 
 
 def scaling() -> None:

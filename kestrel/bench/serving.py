@@ -295,3 +295,63 @@ def run_rates(requests: list[BenchRequest], cfg: ClientConfig, rates: list[float
         plot_latency_vs_rate(summaries, plot)
     return summaries
 
+
+
+# ---------------------------------------------------------------------------- command line
+def add_arguments(parser: Any) -> None:
+    """Flags of `kestrel bench serve`."""
+    parser.add_argument("--base-url", default="http://127.0.0.1:8000",
+                        help="server root (default: http://127.0.0.1:8000)")
+    parser.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
+    parser.add_argument("--model", help="model name to send (default: the server's first)")
+    parser.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY'")
+    parser.add_argument("--dataset", default="random",
+                        help="'random' (seeded synthetic prompts) or a JSONL file of "
+                             "{\"prompt\": ...} / {\"messages\": [...]} lines")
+    parser.add_argument("--num-prompts", type=int, default=100)
+    parser.add_argument("--input-len", type=int, default=128, help="random prompts: tokens")
+    parser.add_argument("--output-len", type=int, default=128,
+                        help="max_tokens per request (JSONL lines may set their own)")
+    parser.add_argument("--range-ratio", type=float, default=0.0,
+                        help="random lengths: uniform in len * [1 - r, 1 + r]")
+    parser.add_argument("--prefix-len", type=int, default=0,
+                        help="random prompts: tokens of a prefix shared by all prompts")
+    parser.add_argument("--tokenizer", help="HF tokenizer folder: exact random prompt lengths")
+    parser.add_argument("--request-rate", type=float, nargs="+", default=[math.inf],
+                        help="requests per second, one run per value (default: inf, all at once)")
+    parser.add_argument("--burstiness", type=float, default=1.0,
+                        help="gamma shape of arrivals: 1 = Poisson, < 1 burstier")
+    parser.add_argument("--max-concurrency", type=int, help="most requests in flight at once")
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
+                        help="let requests stop at EOS (default: ask for exactly output-len)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-warmups", type=int, default=1)
+    parser.add_argument("--timeout", type=float, default=600.0, help="per request, seconds")
+    parser.add_argument("--result-json", help="write every run's summary here")
+    parser.add_argument("--plot", help="draw latency vs request rate into this PNG")
+
+
+def run(args: Any) -> int:
+    from kestrel.bench.datasets import load_jsonl, random_requests
+
+    tokenizer = None
+    if args.tokenizer:
+        from kestrel.engine.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(args.tokenizer)
+    if args.dataset == "random":
+        requests = random_requests(args.num_prompts, args.input_len, args.output_len,
+                                   range_ratio=args.range_ratio, seed=args.seed,
+                                   tokenizer=tokenizer, prefix_len=args.prefix_len)
+    else:
+        requests = load_jsonl(args.dataset, output_len=args.output_len, num=args.num_prompts,
+                              seed=args.seed)
+    cfg = ClientConfig(base_url=args.base_url, endpoint=args.endpoint, model=args.model,
+                       api_key=args.api_key, max_concurrency=args.max_concurrency,
+                       burstiness=args.burstiness, seed=args.seed, ignore_eos=args.ignore_eos,
+                       temperature=args.temperature, timeout_s=args.timeout)
+    summaries = run_rates(requests, cfg, list(args.request_rate), args.result_json, args.plot,
+                          args.num_warmups)
+    print(markdown_table(summaries))
+    return 0 if all(s["failed"] == 0 for s in summaries) else 1

@@ -122,11 +122,16 @@ class IncrementalDetokenizer:
         if self.stop_string is not None:
             return None
         old_len = len(self._text)
+        if not self._stops:  # nothing to match token by token: one decode for the batch
+            self._ids.extend(new_token_ids)
+            self._num_output_tokens += len(new_token_ids)
+            self._text += self._decode_pending(final=False)
+            return None
         for tok in new_token_ids:
             self._ids.append(tok)
             self._num_output_tokens += 1
             self._text += self._decode_pending(final=False)
-        if not self._stops or self._num_output_tokens < self._params.min_tokens:
+        if self._num_output_tokens < self._params.min_tokens:
             return None
         return self._check_stop(old_len)
 

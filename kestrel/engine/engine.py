@@ -25,6 +25,9 @@ from kestrel.scheduler.scheduler import Scheduler
 
 logger = logging.getLogger("kestrel")
 
+# What step() returns for a request: everything so far, only what is new, or nothing until done.
+OUTPUT_KINDS = ("cumulative", "delta", "final")
+
 
 @dataclass
 class _Group:
@@ -37,9 +40,11 @@ class _Group:
     child_ids: list[str]
     detoks: list[IncrementalDetokenizer]
     completions: list[CompletionOutput]
+    output_kind: str = "cumulative"
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     num_cached_tokens: int = 0
     children_done: set[int] = field(default_factory=set)
+    num_sent: list[int] = field(default_factory=list)  # tokens already sent, per child (delta)
 
     @property
     def finished(self) -> bool:
@@ -121,10 +126,17 @@ class Engine:
         add_special_tokens: bool = True,
         extra_key: str | None = None,
         prompt_text: str | None = None,
+        output_kind: str = "cumulative",
     ) -> list[int]:
         """Validate and queue a request; returns its prompt token ids. Raises ValueError on
-        bad input before anything is queued or allocated."""
+        bad input before anything is queued or allocated.
+
+        output_kind: "cumulative" (each RequestOutput holds all tokens and text so far),
+        "delta" (only what is new since the previous one) or "final" (one output, at the end).
+        """
         params = params if params is not None else self.default_params
+        if output_kind not in OUTPUT_KINDS:
+            raise ValueError(f"output_kind must be one of {list(OUTPUT_KINDS)}, got {output_kind!r}")
         if request_id in self._groups:
             raise ValueError(f"request_id {request_id!r} is already in use")
         if not isinstance(priority, int):
@@ -141,6 +153,7 @@ class Engine:
             child_ids=[],
             detoks=[],
             completions=[],
+            output_kind=output_kind,
             prompt_logprobs=[None] * len(prompt_ids) if params.prompt_logprobs is not None else None,
         )
         arrival = time.monotonic()
@@ -156,6 +169,7 @@ class Engine:
             group.child_ids.append(child_id)
             group.detoks.append(IncrementalDetokenizer(self.tokenizer, prompt_ids, child_params))
             group.completions.append(CompletionOutput(index=idx, text="", token_ids=[]))
+            group.num_sent.append(0)
             self._child_to_group[child_id] = (group, idx)
             self.scheduler.add_request(request)
         self._groups[request_id] = group
@@ -189,7 +203,11 @@ class Engine:
             group, idx = entry
             self._advance_child(group, idx, request, tokens, logprobs.get(request.request_id))
             touched[group.request_id] = group
-        return [self._make_output(g) for g in touched.values()]
+        return [
+            self._make_output(g)
+            for g in touched.values()
+            if g.output_kind != "final" or g.finished
+        ]
 
     def _collect_prompt_logprobs(
         self, sched_out: SchedulerOutput, model_out: ModelOutput, touched: dict[str, _Group]
@@ -215,18 +233,23 @@ class Engine:
         logprobs: list[TokenLogprobs] | None,
     ) -> None:
         comp, detok = group.completions[idx], group.detoks[idx]
-        stop_str = detok.update(tokens)
-        if stop_str is not None and not request.is_finished:
-            request.stop_reason = stop_str
-            self.scheduler.finish_requests([request.request_id], RequestStatus.FINISHED_STOPPED)
         comp.token_ids.extend(tokens)
+        # NOTE: with no stop strings and nobody reading partial text, detokenize once at the end.
+        lazy = group.output_kind == "final" and not group.params.stop
+        if not lazy or request.is_finished:
+            stop_str = detok.update(comp.token_ids[detok.num_output_tokens :])
+            if stop_str is not None and not request.is_finished:
+                request.stop_reason = stop_str
+                self.scheduler.finish_requests([request.request_id],
+                                               RequestStatus.FINISHED_STOPPED)
         if logprobs is not None:
             comp.logprobs = comp.logprobs or []
             for entry in logprobs:
                 comp.logprobs.append(self._to_logprob_dict(entry))
                 comp.cumulative_logprob = (comp.cumulative_logprob or 0.0) + entry.logprobs[0]
-        comp.delta_text += detok.get_delta(request.is_finished)  # flushes the text when done
-        comp.text = detok.output_text
+        if not lazy or request.is_finished:
+            comp.delta_text += detok.get_delta(request.is_finished)  # flushes the text when done
+            comp.text = detok.output_text
         if request.num_cached_tokens > 0 and idx == 0:
             group.num_cached_tokens = request.num_cached_tokens
         if request.is_finished:
@@ -244,15 +267,18 @@ class Engine:
         return out
 
     def _make_output(self, group: _Group) -> RequestOutput:
+        delta = group.output_kind == "delta"
         completions = []
         for comp in group.completions:
+            start = group.num_sent[comp.index] if delta else 0
+            group.num_sent[comp.index] = len(comp.token_ids)
             completions.append(
                 CompletionOutput(
                     index=comp.index,
-                    text=comp.text,
-                    token_ids=list(comp.token_ids),
+                    text=comp.delta_text if delta else comp.text,
+                    token_ids=comp.token_ids[start:],
                     cumulative_logprob=comp.cumulative_logprob,
-                    logprobs=list(comp.logprobs) if comp.logprobs is not None else None,
+                    logprobs=comp.logprobs[start:] if comp.logprobs is not None else None,
                     finish_reason=comp.finish_reason,
                     stop_reason=comp.stop_reason,
                     delta_text=comp.delta_text,

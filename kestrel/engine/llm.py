@@ -84,7 +84,7 @@ class LLM:
         order: dict[str, int] = {}
         for i, ((prompt, _), ids, sp, prio) in enumerate(zip(prompts, encoded, params, priorities)):
             rid = str(next(self._ids))
-            engine.add_request(rid, ids, sp, priority=prio,
+            engine.add_request(rid, ids, sp, priority=prio, output_kind="final",
                                prompt_text=prompt if isinstance(prompt, str) else None)
             order[rid] = i
         results: list[RequestOutput | None] = [None] * len(prompts)

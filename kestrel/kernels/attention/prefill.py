@@ -37,6 +37,7 @@ class PrefillConfig(NamedTuple):
     block_n: int  # keys per inner tile
     num_warps: int
     num_stages: int
+    warp_specialize: bool = False  # Triton's automatic warp specialization of the main loop
 
 
 @triton.jit
@@ -61,31 +62,39 @@ def _attend_tiles(
     BLOCK_N: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     CAUSAL_MASK: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
 ):
-    """Online-softmax update of (acc, l_i, m_i) with keys [lo, hi), in log2 units."""
-    for n0 in range(lo, hi, BLOCK_N):
+    """Online-softmax update of (acc, l_i, m_i) with keys [lo, hi); m_i in log2 units."""
+    for n0 in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < kv_end
         if CAUSAL_MASK:
-            n_mask = offs_n < kv_end
             block = tl.load(bt_row + offs_n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
         else:
-            n_mask = offs_n >= 0
             block = tl.load(bt_row + offs_n // PAGE_SIZE).to(tl.int64)
         row_off = block * stride_c_block + (offs_n % PAGE_SIZE) * stride_c_slot + head_off
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(cache_ptr + row_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, BLOCK_N]
+        k_ptrs = cache_ptr + row_off[:, None] + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
+        # Unmasked tiles of a power-of-two head_dim load without predicates.
+        if CAUSAL_MASK or not EVEN_D:
+            kv_mask = n_mask[:, None] & d_mask[None, :]
+            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+        s = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N], unscaled
         if CAUSAL_MASK:
             visible = (offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :]
             s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # The scale folds into one FMA per score: p = exp2(s * scale - m).
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        p = tl.exp2(s * qk_scale - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(
-            cache_ptr + stride_c_kv + row_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0
-        )
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        if CAUSAL_MASK or not EVEN_D:
+            v = tl.load(k_ptrs + stride_c_kv, mask=kv_mask, other=0.0)
+        else:
+            v = tl.load(k_ptrs + stride_c_kv)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
     return acc, l_i, m_i
 
@@ -118,8 +127,10 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
 ):
     head = tl.program_id(0)
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     # Heaviest (last) row tiles first: causal work grows with the tile index.
     m_block = tl.num_programs(1) - 1 - tl.program_id(1)
     req = tl.program_id(2)
@@ -173,6 +184,8 @@ def _prefill_kernel(
         BLOCK_N,
         PAGE_SIZE,
         False,
+        EVEN_D,
+        WARP_SPECIALIZE,
     )
     acc, l_i, m_i = _attend_tiles(
         acc,
@@ -195,6 +208,8 @@ def _prefill_kernel(
         BLOCK_N,
         PAGE_SIZE,
         True,
+        EVEN_D,
+        False,
     )
 
     out = acc / l_i[:, None]
@@ -286,6 +301,7 @@ def prefill_attention(
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         PAGE_SIZE=page_size,
+        WARP_SPECIALIZE=cfg.warp_specialize,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
