@@ -30,6 +30,13 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Without `residual`: norm(x). With it: s = x + residual, returns (norm(s), s)."""
+        if x.is_cuda:
+            from kestrel.kernels.norm import rms_norm
+
+            if x.dim() == 2:
+                return rms_norm(x, self.weight, self.eps, residual)  # fused add + norm
+            if residual is None:  # per-head norm (q/k norm): rows of the last dim
+                return rms_norm(x.reshape(-1, x.shape[-1]), self.weight, self.eps).view(x.shape)
         if residual is None:
             return self._norm(x)
         x = x + residual

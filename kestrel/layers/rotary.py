@@ -109,6 +109,11 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [num_tokens]; q [num_tokens, num_heads, head_dim]; k likewise (kv heads)."""
+        if q.is_cuda:
+            from kestrel.kernels.rotary import apply_rotary
+
+            apply_rotary(q, k, positions, self.cos_sin_cache)  # in place, fp32 math
+            return q, k
         cos, sin = self.cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)  # [T, 1, D/2] each
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
