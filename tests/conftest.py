@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import itertools
+import os
 import random
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run in its interpreter on CPU; it must be set before they are defined.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from kestrel.config import SchedulerConfig
 from kestrel.kv.kv_manager import KVCacheManager

@@ -23,7 +23,7 @@ from bench_utils import (
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kestrel.kernels.attention.decode import DecodeConfig, choose_num_splits, decode_attention
-from kestrel.kernels.attention.prefill import PrefillConfig, prefill_attention
+from kestrel.kernels.attention.prefill import PrefillConfig, _prefill_kernel, prefill_attention
 from kestrel.kernels.kv_store import store_kv
 
 DTYPE = torch.bfloat16
@@ -61,11 +61,21 @@ def _sdpa(name: str, q, k, v, causal: bool, gqa: bool):
         return None
 
 
+def _last_compiled(kernel) -> tuple:
+    """(registers/thread, spills, shared KB) of the most recently compiled variant."""
+    try:
+        compiled = list(kernel.device_caches[0][0].values())[-1]
+        compiled._init_handles()
+        return compiled.n_regs, compiled.n_spills, compiled.metadata.shared // 1024
+    except Exception:  # cache layout differs across Triton versions
+        return ("?", "?", "?")
+
+
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def make_decode_inputs(batch, ctx, hq=32, hkv=8, d=128, sets=2):
+def make_decode_inputs(batch, ctx, hq=32, hkv=8, d=128, sets=2, with_ref=True):
     """Rotating sets of (q, k, v, cache, block_table, seq_lens) plus an fp32 reference."""
     gen = torch.Generator().manual_seed(batch * 131 + ctx)
     inputs = []
@@ -76,6 +86,8 @@ def make_decode_inputs(batch, ctx, hq=32, hkv=8, d=128, sets=2):
         cache, bt = _paged_cache(k, v, gen)
         seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
         inputs.append((q, k, v, cache, bt, seq_lens))
+    if not with_ref:
+        return inputs, None
     q, k, v = inputs[0][:3]
     ref = F.scaled_dot_product_attention(
         q[:, :, None].float(),
@@ -94,7 +106,7 @@ def run_decode(inputs, ref, config=None, num_splits=None, peers=True):
     def ours(q, k, v, cache, bt, seq_lens):
         return decode_attention(q, cache, bt, seq_lens, ctx, d**-0.5, num_splits, config=config)
 
-    err = _rel_err(ours(*inputs[0]), ref)
+    err = _rel_err(ours(*inputs[0]), ref) if ref is not None else float("nan")
     ms = {"kestrel": bench_rotating(ours, inputs)}
     if peers:
         sdpa_in = [
@@ -144,7 +156,7 @@ def run_prefill(inputs, config=None, peers=True):
     return ms, {name: flops / t / 1e9 for name, t in ms.items()}, err
 
 
-def sweep() -> None:
+def sweep_decode() -> None:
     print("\n# decode sweep: batch 64, ctx 4096, 32/8 heads, d 128 (TB/s)")
     inputs, ref = make_decode_inputs(64, 4096, sets=1)
     rows = []
@@ -159,31 +171,32 @@ def sweep() -> None:
                     except Exception as exc:  # out of shared memory for this tile shape
                         rows.append((bn, warps, stages, splits, float("nan"), type(exc).__name__))
     print_table(["block_n", "warps", "stages", "splits", "TB/s", "rel_err"], rows)
-    del inputs, ref
+
+
+def sweep_prefill() -> None:
     print("\n# prefill sweep: 4 x 32 heads x 4096, d 128, causal (TFLOP/s)")
     inputs = make_prefill_inputs(sets=1)
     rows = []
     configs = [
-        PrefillConfig(128, 64, 8, 3),
-        PrefillConfig(128, 128, 8, 3),
-        PrefillConfig(128, 32, 4, 4),
         PrefillConfig(256, 64, 8, 3),
-        PrefillConfig(256, 64, 8, 2),
-        PrefillConfig(256, 32, 8, 3),
-        PrefillConfig(256, 32, 8, 4),
-        PrefillConfig(256, 64, 16, 3),
-        PrefillConfig(256, 128, 16, 2),
-        PrefillConfig(128, 64, 4, 3, True),
-        PrefillConfig(128, 128, 8, 3, True),
-        PrefillConfig(256, 64, 8, 3, True),
+        PrefillConfig(256, 64, 8, 4),
+        PrefillConfig(128, 64, 4, 2),
+        PrefillConfig(128, 64, 8, 2),
+        PrefillConfig(128, 32, 4, 2),
+        PrefillConfig(128, 32, 4, 3),
+        PrefillConfig(128, 32, 4, 4),
+        PrefillConfig(128, 128, 4, 2),
+        PrefillConfig(128, 128, 8, 3),
+        PrefillConfig(64, 64, 4, 2),
     ]
     for cfg in configs:
         try:
             _, rate, err = run_prefill(inputs, cfg, peers=False)
-            rows.append((*cfg, rate["kestrel"], err))
+            rows.append((*cfg, rate["kestrel"], err, *_last_compiled(_prefill_kernel)))
         except Exception as exc:  # out of shared memory/registers for this tile shape
-            rows.append((*cfg, float("nan"), type(exc).__name__))
-    print_table(["block_m", "block_n", "warps", "stages", "ws", "TFLOP/s", "rel_err"], rows)
+            rows.append((*cfg, float("nan"), type(exc).__name__, "", "", ""))
+    header = ["block_m", "block_n", "warps", "stages", "TFLOP/s", "rel_err"]
+    print_table(header + ["regs", "spills", "smem_KB"], rows)
 
 
 def scaling() -> None:
@@ -191,9 +204,9 @@ def scaling() -> None:
     rows = []
     for batch in (1, 8, 64, 256, 512):
         for ctx in (128, 1024, 4096, 32768):
-            if batch * ctx > 4 * 2**20:  # keep each cache under 16 GiB
+            if batch * ctx > 2**21:  # keep each cache under 8 GiB
                 continue
-            inputs, ref = make_decode_inputs(batch, ctx, sets=1)
+            inputs, ref = make_decode_inputs(batch, ctx, sets=1, with_ref=False)
             ms, rate, _ = run_decode(inputs, ref)
             del inputs, ref
             splits = choose_num_splits(batch, 8, ctx, torch.device("cuda"))
@@ -213,16 +226,21 @@ def scaling() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sweep", action="store_true", help="tile/warp/stage/split sweeps")
+    parser.add_argument("--sweep", choices=["decode", "prefill", "all"], help="config sweeps")
+    parser.add_argument("--no-main", action="store_true", help="skip the headline comparison")
     parser.add_argument("--scaling", action="store_true", help="decode batch x context table")
     args = parser.parse_args()
     print(device_summary())
     copy_bw, mm = copy_bandwidth_tbps(), matmul_tflops()
     print(f"ceilings: copy {copy_bw:.2f} TB/s (read+write), bf16 matmul {mm:.0f} TFLOP/s")
-    if args.sweep:
-        sweep()
+    if args.sweep in ("decode", "all"):
+        sweep_decode()
+    if args.sweep in ("prefill", "all"):
+        sweep_prefill()
     if args.scaling:
         scaling()
+    if args.no_main:
+        return
 
     ms, rate, err = run_decode(*make_decode_inputs(64, 4096))
     print("\n# decode: batch 64, ctx 4096, 32 q / 8 kv heads, d 128, bf16, page 16")

@@ -81,11 +81,16 @@ def _word_text(rng: random.Random, n: int) -> str:
 
 
 def _token_text(tokenizer: Any):
+    # Only ids that decode to whole characters on their own: a lone byte-level piece would
+    # decode to U+FFFD and re-encode as several tokens.
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    vocab = [i for i in range(len(tokenizer)) if i not in special]
+    vocab = [i for i in range(len(tokenizer))
+             if i not in special and "\ufffd" not in tokenizer.decode([i])]
 
     def make(rng: random.Random, n: int) -> str:
-        return tokenizer.decode([rng.choice(vocab) for _ in range(n)])
+        text = tokenizer.decode([rng.choice(vocab) for _ in range(n)])
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        return tokenizer.decode(ids[:n]) if len(ids) > n else text
 
     return make
 

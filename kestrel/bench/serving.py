@@ -191,7 +191,7 @@ async def run_benchmark(requests: list[BenchRequest], cfg: ClientConfig, rate: f
         delays = arrival_delays(len(requests), rate, cfg.burstiness, cfg.seed)
         tasks = []
         start = time.perf_counter()
-        for req, delay in zip(requests, delays):
+        for req, delay in zip(requests, delays, strict=True):
             if delay > 0:
                 await asyncio.sleep(delay)
             tasks.append(asyncio.ensure_future(one(req)))
@@ -237,8 +237,9 @@ def format_table(summary: dict[str, Any]) -> str:
 def markdown_table(summaries: list[dict[str, Any]]) -> str:
     """One row per rate, for BENCHMARKS.md."""
     head = ("| rate (req/s) | done / failed | req/s | out tok/s | TTFT mean / p50 / p99 (ms) "
-            "| TPOT mean / p50 / p99 (ms) | ITL mean / p50 / p99 (ms) | E2E mean / p50 / p99 (ms) |")
-    rows = [head, "|" + "---|" * 9]
+            "| TPOT mean / p50 / p99 (ms) | ITL mean / p50 / p99 (ms) "
+            "| E2E mean / p50 / p99 (ms) |")
+    rows = [head, "|" + "---|" * 8]
     for s in summaries:
         cells = [str(s["request_rate"]), f"{s['completed']} / {s['failed']}",
                  f"{s['request_throughput']:.2f}", f"{s['output_throughput']:.1f}"]
@@ -250,26 +251,29 @@ def markdown_table(summaries: list[dict[str, Any]]) -> str:
 
 
 def plot_latency_vs_rate(summaries: list[dict[str, Any]], path: str) -> None:
-    """p50 and p99 of TTFT, TPOT and E2E against the offered request rate (an infinite rate
-    is drawn at the measured throughput)."""
+    """p50 and p99 of TTFT, TPOT and E2E against the offered request rate (evenly spaced,
+    an infinite rate last)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    xs = [s["request_throughput"] if s["request_rate"] == "inf" else s["request_rate"]
-          for s in summaries]
-    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    rank = lambda s: math.inf if s["request_rate"] == "inf" else float(s["request_rate"])
+    ordered = sorted(summaries, key=rank)
+    xs = list(range(len(ordered)))
+    labels = [f"{s['request_rate']:g}" if s["request_rate"] != "inf" else "inf"
+              for s in ordered]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for ax, key, title in zip(axes, ("ttft_ms", "tpot_ms", "e2e_ms"), ("TTFT", "TPOT", "E2E")):
+    panels = (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("e2e_ms", "E2E"))
+    for ax, (key, title) in zip(axes, panels, strict=True):
         for pct, style in (("p50", "o-"), ("p99", "s--")):
-            ax.plot([xs[i] for i in order], [summaries[i][key][pct] for i in order], style,
-                    label=pct)
+            ax.plot(xs, [s[key][pct] for s in ordered], style, label=pct)
+        ax.set_xticks(xs, labels)
         ax.set_title(f"{title} (ms)")
         ax.set_xlabel("request rate (req/s)")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"kestrel bench serve: {summaries[0].get('model', '')}")
+    fig.suptitle(f"kestrel bench serve: {ordered[0].get('model', '')}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

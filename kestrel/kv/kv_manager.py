@@ -138,6 +138,8 @@ class KVCacheManager:
         """
         hits = new_computed_blocks or []
         bs = self.block_size
+        if not hits and self._fits(request, num_new_tokens):
+            return []  # fast path: most decode steps need no block and complete no block
         if num_new_tokens < 0 or num_new_computed_tokens != len(hits) * bs:
             raise ValueError(
                 f"bad allocation: num_new_tokens={num_new_tokens}, {len(hits)} hit blocks for "
@@ -160,6 +162,18 @@ class KVCacheManager:
         if state.key is not None:
             self._cache_full_blocks(request, state, num_tokens)
         return [b.block_id for b in hits] + [b.block_id for b in fresh]
+
+    def _fits(self, request: Request, num_new_tokens: int) -> bool:
+        state = self._requests.get(request.request_id)
+        if state is None or num_new_tokens < 0:
+            return False
+        num_tokens = request.num_computed_tokens + num_new_tokens
+        if num_tokens > len(state.blocks) * self.block_size:
+            return False
+        key = state.key
+        return key is None or min(num_tokens, request.num_tokens) // self.block_size <= (
+            key.num_inserted_blocks
+        )
 
     def free(self, request: Request) -> None:
         """Drop the request's references; a no-op for an unknown request.

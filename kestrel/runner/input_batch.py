@@ -117,7 +117,8 @@ class InputBatch:
         where nc = tokens already in the cache and n = tokens scheduled now.
         """
         bs = self.block_size
-        req_ids = out.batch_req_ids()
+        # One-query requests first: attention backends run them with the decode kernel.
+        req_ids = sorted(out.batch_req_ids(), key=lambda r: out.num_scheduled_tokens[r] != 1)
         ids: list[int] = []
         pos: list[int] = []
         slots: list[int] = []

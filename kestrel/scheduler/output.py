@@ -42,8 +42,8 @@ class CachedRequestData:
 class SchedulerOutput:
     scheduled_new_reqs: list[NewRequestData] = field(default_factory=list)
     scheduled_cached_reqs: CachedRequestData = field(default_factory=CachedRequestData)
-    # req_id -> tokens to compute this step. NOTE: the batch order is new requests first, then
-    # cached requests, each in list order; ModelOutput follows the same order.
+    # req_id -> tokens to compute this step. The runner may reorder the batch (it puts
+    # one-token requests first); ModelOutput.req_ids says which row is which.
     num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
     total_num_scheduled_tokens: int = 0
     # Requests the runner must drop (finished, aborted or preempted since the last step).

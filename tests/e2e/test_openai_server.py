@@ -174,7 +174,7 @@ def test_logprobs(server, client):
                                     **GREEDY)
     lp = res.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
-    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs, strict=True):
         assert chosen <= 0 and 3 <= len(top) <= 4
         assert max(top.values()) == pytest.approx(chosen, abs=1e-5)  # greedy: chosen is top-1
     assert "".join(lp.tokens) == res.choices[0].text

@@ -44,8 +44,8 @@ from kestrel.entrypoints.openai.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from kestrel.entrypoints.openai.serving_base import ClientDisconnected
 from kestrel.entrypoints.openai.server_config import ServerConfig
+from kestrel.entrypoints.openai.serving_base import ClientDisconnected
 from kestrel.entrypoints.openai.serving_chat import ServingChat
 from kestrel.entrypoints.openai.serving_completion import ServingCompletion
 
@@ -184,9 +184,22 @@ def build_app(engine: AsyncEngine, tokenizer: Any, served_model_names: list[str]
                              f"[0, {engine.vocab_size})")
         return DetokenizeResponse(prompt=tokenizer.decode(request.tokens))
 
+    app.openapi = lambda: _openapi_without_422(app)  # type: ignore[method-assign]
     app.add_middleware(GuardMiddleware, api_key=server.api_key,  # type: ignore[arg-type]
                        max_body=server.max_request_body_bytes)
     return app
+
+
+def _openapi_without_422(app: FastAPI) -> dict[str, Any]:
+    """FastAPI documents validation failures as 422; this server answers 400 (OpenAI's code),
+    already listed for every route."""
+    if app.openapi_schema is None:
+        schema = FastAPI.openapi(app)
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def _install_error_handlers(app: FastAPI) -> None:

@@ -128,7 +128,7 @@ class ServingChat(OpenAIServing):
 def _logprobs(entries: list[dict[int, Logprob]], token_ids: list[int], top: int | None
               ) -> ChoiceLogprobs:
     content = []
-    for tok, entry in zip(token_ids, entries):
+    for tok, entry in zip(token_ids, entries, strict=False):
         chosen = entry.get(tok)
         if chosen is None:
             continue

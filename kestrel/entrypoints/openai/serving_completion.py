@@ -154,7 +154,7 @@ def _logprobs(entries: list[dict[int, Logprob]], token_ids: list[int], offset: i
               ) -> CompletionLogprobs:
     """The legacy format: one entry per token, text offsets from `offset`."""
     result = CompletionLogprobs()
-    for tok, entry in zip(token_ids, entries):
+    for tok, entry in zip(token_ids, entries, strict=False):
         chosen = entry.get(tok) if entry else None
         text = chosen.decoded_token if chosen and chosen.decoded_token is not None else ""
         result.tokens.append(text)
