@@ -102,6 +102,13 @@ def _add_serve(sub: Any) -> list[str]:
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     serving.add_arguments(bench_sub.add_parser(
         "serve", help="drive a running OpenAI-compatible server and measure latency"))
+    from kestrel.bench import throughput
+
+    tput = bench_sub.add_parser(
+        "throughput", help="offline generation throughput next to its roofline and HF")
+    throughput.add_arguments(tput)
+    _add_fields(tput.add_argument_group("engine options"),
+                [f for f in flat_fields().values() if f.name != "model"], set())
     return names
 
 
@@ -163,6 +170,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_generate(args, groups)
         if args.command == "serve":
             return run_serve(args, groups)
+        if args.command == "bench" and args.bench_command == "throughput":
+            from kestrel.bench import throughput
+
+            opts = _collect(args, [n for n in groups["engine"] if n != "model"])
+            return throughput.run(args, opts)
         if args.command == "bench" and args.bench_command == "serve":
             from kestrel.bench import serving
 
