@@ -123,8 +123,8 @@ def run_kestrel(path: str, wl: Workload, engine_opts: dict[str, Any]) -> dict[st
     t0 = time.perf_counter()
     llm = LLM(path, **engine_opts)
     startup = time.perf_counter() - t0
-    params = [SamplingParams(temperature=wl.temperature, max_tokens=n, ignore_eos=True, seed=i)
-              for i, n in enumerate(wl.max_tokens)]
+    params = [SamplingParams(temperature=wl.temperature, max_tokens=n, ignore_eos=True)
+              for n in wl.max_tokens]
     llm.generate([wl.prompts[0][:16]], SamplingParams(max_tokens=8, ignore_eos=True),
                  use_tqdm=False)  # warm-up
     _sync(llm.engine.executor.runner.device)

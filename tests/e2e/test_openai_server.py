@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 import time
 
 import pytest
@@ -251,9 +252,18 @@ def test_client_disconnect_mid_stream_aborts(server):
 
 def test_client_disconnect_without_stream_aborts(server):
     before = metric(server, "kestrel_requests_total", finish_reason="abort")
-    body = {"model": MODEL, "prompt": "wait for me", "max_tokens": 240, "ignore_eos": True}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.url + "/v1/completions", json=body, timeout=0.3)
+    body = json.dumps({"model": MODEL, "prompt": "wait for me", "max_tokens": 240,
+                       "ignore_eos": True}).encode()
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        deadline = time.monotonic() + 5
+        while server.engine.call(lambda e: e.scheduler.num_running).result() == 0:
+            assert time.monotonic() < deadline, "the request never started"
+            time.sleep(0.005)
+    # gone while its 240 tokens are being generated: the engine must drop it
     wait_idle(server, timeout=3.0)
     assert metric(server, "kestrel_requests_total", finish_reason="abort") == before + 1
 

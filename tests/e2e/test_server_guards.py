@@ -114,7 +114,7 @@ def test_body_limit(server):
 
 
 def test_queue_limit_answers_503_then_recovers(server):
-    body = {"prompt": "long one", "max_tokens": 200, "ignore_eos": True, "stream": True}
+    body = {"prompt": "long one", "max_tokens": 240, "ignore_eos": True, "stream": True}
     with httpx.Client(headers=AUTH, timeout=30) as http:
         streams = []
         try:
