@@ -15,6 +15,9 @@ if TYPE_CHECKING:
     from kestrel.sampling_params import SamplingParams
 
 
+PLACEHOLDER = -1  # a sampled token whose id has not reached the host yet
+
+
 class RequestStatus(enum.Enum):
     WAITING = enum.auto()
     RUNNING = enum.auto()
@@ -71,6 +74,11 @@ class Request:
         self.num_preemptions = 0
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None  # the stop token id or stop string that hit
+        # Async scheduling: tokens sampled by a step still in flight sit at the end of the
+        # output as PLACEHOLDER until their ids arrive; once they reach a length limit the
+        # request is not scheduled again.
+        self.num_pending = 0
+        self.length_capped = False
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -85,12 +93,35 @@ class Request:
         return len(self.all_token_ids)
 
     @property
+    def num_known_tokens(self) -> int:
+        return len(self.all_token_ids) - self.num_pending
+
+    @property
     def is_finished(self) -> bool:
         return self.status.is_finished
 
     def append_output_tokens(self, token_ids: list[int]) -> None:
         self.output_token_ids.extend(token_ids)
         self.all_token_ids.extend(token_ids)
+
+    def add_placeholder(self) -> None:
+        self.append_output_tokens([PLACEHOLDER])
+        self.num_pending += 1
+
+    def resolve_placeholder(self, token_id: int) -> None:
+        """Give the oldest pending token its id."""
+        assert self.num_pending > 0, self.request_id
+        pos = len(self.output_token_ids) - self.num_pending
+        self.output_token_ids[pos] = token_id
+        self.all_token_ids[self.num_prompt_tokens + pos] = token_id
+        self.num_pending -= 1
+
+    def drop_pending(self) -> None:
+        """Forget tokens sampled after the sequence ended (they are never shown)."""
+        if self.num_pending:
+            del self.output_token_ids[-self.num_pending :]
+            del self.all_token_ids[-self.num_pending :]
+            self.num_pending = 0
 
     def stop_token_ids(self) -> list[int]:
         """Token ids that end this sequence (eos unless ignore_eos, plus stop_token_ids)."""

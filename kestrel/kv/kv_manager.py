@@ -171,7 +171,7 @@ class KVCacheManager:
         if num_tokens > len(state.blocks) * self.block_size:
             return False
         key = state.key
-        return key is None or min(num_tokens, request.num_tokens) // self.block_size <= (
+        return key is None or min(num_tokens, request.num_known_tokens) // self.block_size <= (
             key.num_inserted_blocks
         )
 
@@ -219,8 +219,9 @@ class KVCacheManager:
                 raise ValueError(f"block {block.block_id} is not the cached block {i} of request")
 
     def _cache_full_blocks(self, request: Request, state: _RequestState, num_tokens: int) -> None:
-        # Only tokens already in all_token_ids: lookahead (speculative) slots stay unregistered.
-        num_full = min(num_tokens, request.num_tokens) // self.block_size
+        # Only tokens whose ids are known: lookahead (speculative) slots and sampled-but-unread
+        # tokens (async scheduling placeholders) stay unregistered.
+        num_full = min(num_tokens, request.num_known_tokens) // self.block_size
         assert state.key is not None and self.prefix_cache is not None
         if num_full > state.key.num_inserted_blocks:
             self.prefix_cache.insert(request.all_token_ids, state.key, state.blocks[:num_full])

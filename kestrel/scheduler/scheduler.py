@@ -84,7 +84,7 @@ class Scheduler:
         while idx < len(self.running) and budget > 0:
             request = self.running[idx]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if num_new <= 0:
+            if num_new <= 0 or request.length_capped:
                 idx += 1
                 continue
             blocks = self.kv.allocate_slots(request, num_new)
@@ -187,38 +187,60 @@ class Scheduler:
     def update_from_output(
         self, scheduler_output: SchedulerOutput, model_output: ModelOutput
     ) -> list[tuple[Request, list[int]]]:
-        """Advance progress, append sampled tokens and apply token-level stop rules.
+        """The synchronous path: `advance` then `apply_output` for the same step."""
+        self.advance(scheduler_output)
+        return self.apply_output(model_output)
+
+    def advance(self, scheduler_output: SchedulerOutput) -> None:
+        """Account for a step as soon as it is launched, before its tokens are known.
+
+        Every request that samples in the step gets a placeholder token, so the next step can
+        be scheduled (and its input gathered on the device) while this one still runs. Length
+        limits need no token ids, so they are applied here: a request whose placeholders
+        reach max_tokens or max_model_len is not scheduled again.
+        """
+        for rid, num in scheduler_output.num_scheduled_tokens.items():
+            request = self.requests.get(rid)
+            if request is None:
+                continue
+            request.num_computed_tokens += num
+            if request.num_computed_tokens == request.num_tokens:
+                request.add_placeholder()
+                max_tokens = request.sampling_params.max_tokens
+                if (max_tokens is not None and request.num_output_tokens >= max_tokens) or (
+                    request.num_tokens >= self.config.max_model_len
+                ):
+                    request.length_capped = True
+
+    def apply_output(self, model_output: ModelOutput) -> list[tuple[Request, list[int]]]:
+        """Give placeholders their sampled ids and apply the stop rules.
 
         Returns (request, new_token_ids) for every request that produced tokens, including
         those that just finished (their status says so; they are already released).
         """
-        for rid, num in scheduler_output.num_scheduled_tokens.items():
-            request = self.requests.get(rid)
-            if request is not None:
-                request.num_computed_tokens += num
         produced: list[tuple[Request, list[int]]] = []
         for rid, tokens in zip(model_output.req_ids, model_output.sampled_token_ids):
             request = self.requests.get(rid)
             if not tokens or request is None or request.is_finished:
-                continue
-            request.append_output_tokens(tokens)
-            status = self._check_stop(request)
+                continue  # NOTE: a request that ended while a later step ran drops its token
+            for tok in tokens:
+                request.resolve_placeholder(tok)
+            status = self._check_stop(request, tokens[-1])
             if status is not None:
+                request.drop_pending()
                 self.running.remove(request)
                 request.status = status
                 self._release(request)
             produced.append((request, tokens))
         return produced
 
-    def _check_stop(self, request: Request) -> RequestStatus | None:
+    def _check_stop(self, request: Request, last: int) -> RequestStatus | None:
         params = request.sampling_params
-        last = request.output_token_ids[-1]
-        if request.num_output_tokens >= params.min_tokens and last in request.stop_token_ids():
+        num_known_outputs = request.num_output_tokens - request.num_pending
+        if num_known_outputs >= params.min_tokens and last in request.stop_token_ids():
             if last in params.stop_token_ids:
                 request.stop_reason = last
             return RequestStatus.FINISHED_STOPPED
-        if params.max_tokens is not None and request.num_output_tokens >= params.max_tokens:
-            return RequestStatus.FINISHED_LENGTH
-        if request.num_tokens >= self.config.max_model_len:
+        if request.length_capped and request.num_pending == 0:
             return RequestStatus.FINISHED_LENGTH
         return None
