@@ -68,12 +68,17 @@ class SchedulerConfig:
     max_num_seqs: int = 256  # most requests in one step
     max_model_len: int = 0  # copied from ModelConfig by resolve()
     enable_chunked_prefill: bool = True  # split prompts longer than the remaining budget
+    # Schedule step N+1 while step N runs (its sampled ids feed N+1 on the device):
+    # auto = on for GPUs, off on CPU (where nothing would overlap) | on | off
+    async_scheduling: str = "auto"
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1:
             raise ValueError(
                 f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
             )
+        if self.async_scheduling not in ("auto", "on", "off"):
+            raise ValueError(f"async_scheduling must be auto, on or off, got {self.async_scheduling!r}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
 
@@ -123,6 +128,9 @@ class EngineConfig:
             dtype = "float32"  # NOTE: CPU float16 matmuls are slow and imprecise; upcast
         model = dataclasses.replace(model, max_model_len=max_len, dtype=dtype, device=device)
         scheduler = dataclasses.replace(self.scheduler, max_model_len=max_len)
+        if scheduler.async_scheduling == "auto":
+            mode = "on" if device.startswith("cuda") else "off"
+            scheduler = dataclasses.replace(scheduler, async_scheduling=mode)
         if not scheduler.enable_chunked_prefill and scheduler.max_num_batched_tokens < max_len:
             scheduler = dataclasses.replace(scheduler, max_num_batched_tokens=max_len)
         return dataclasses.replace(self, model=model, scheduler=scheduler)

@@ -70,6 +70,8 @@ class Engine:
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(self.config.scheduler, self.kv)
         self._groups: dict[str, _Group] = {}
+        self._async = self.config.scheduler.async_scheduling == "on"
+        self._inflight: tuple[SchedulerOutput, object] | None = None  # launched, not yet read
         self._child_to_group: dict[str, tuple[_Group, int]] = {}
         logger.info("engine ready in %.2f s", time.perf_counter() - t0)
 
@@ -185,14 +187,36 @@ class Engine:
         return True
 
     def has_unfinished(self) -> bool:
-        return bool(self._groups)
+        return bool(self._groups) or self._inflight is not None
 
     # ------------------------------------------------------------------ step
     def step(self) -> list[RequestOutput]:
-        """Run one scheduler step; returns outputs of every request that progressed."""
+        """Run one scheduler step; returns outputs of every request that progressed.
+
+        With async scheduling, the step launched here runs while the previous one's tokens
+        are read and processed, so outputs trail the launched work by one step.
+        """
         sched_out = self.scheduler.schedule()
-        model_out = self.executor.execute(sched_out)
-        produced = self.scheduler.update_from_output(sched_out, model_out)
+        if not self._async:
+            model_out = self.executor.execute(sched_out)
+            return self._process(sched_out, model_out,
+                                 self.scheduler.update_from_output(sched_out, model_out))
+        self.scheduler.advance(sched_out)
+        handle = self.executor.launch(sched_out)
+        outputs: list[RequestOutput] = []
+        if self._inflight is not None:
+            prev_out, prev_handle = self._inflight
+            model_out = self.executor.finish(prev_handle)
+            outputs = self._process(prev_out, model_out, self.scheduler.apply_output(model_out))
+        self._inflight = None if sched_out.is_empty else (sched_out, handle)
+        return outputs
+
+    def _process(
+        self,
+        sched_out: SchedulerOutput,
+        model_out: ModelOutput,
+        produced: list[tuple[Request, list[int]]],
+    ) -> list[RequestOutput]:
         touched: dict[str, _Group] = {}
         self._collect_prompt_logprobs(sched_out, model_out, touched)
         logprobs = dict(zip(model_out.req_ids, model_out.logprobs))

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Any
 
 from kestrel.config import EngineConfig
 from kestrel.outputs import ModelOutput
@@ -30,6 +31,13 @@ class Executor(ABC):
     @abstractmethod
     def execute(self, scheduler_output: SchedulerOutput) -> ModelOutput: ...
 
+    @abstractmethod
+    def launch(self, scheduler_output: SchedulerOutput) -> Any:
+        """Start a step without waiting for its tokens; pass the handle to `finish`."""
+
+    @abstractmethod
+    def finish(self, handle: Any) -> ModelOutput: ...
+
 
 class UniprocExecutor(Executor):
     def __init__(self, config: EngineConfig) -> None:
@@ -46,3 +54,9 @@ class UniprocExecutor(Executor):
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelOutput:
         return self.runner.execute(scheduler_output)
+
+    def launch(self, scheduler_output: SchedulerOutput) -> Any:
+        return self.runner.launch(scheduler_output)
+
+    def finish(self, handle: Any) -> ModelOutput:
+        return self.runner.finish(handle)

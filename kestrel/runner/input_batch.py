@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kestrel.attention.backend import AttentionMetadata
+from kestrel.request import PLACEHOLDER
 from kestrel.sampling_params import SamplingParams
 from kestrel.scheduler.output import SchedulerOutput
 
@@ -29,8 +30,21 @@ class CachedRequestState:
     wants_prompt_logprobs: bool = False
     token_ids: list[int] = field(default_factory=list)  # prompt + output
 
+    num_pending: int = 0  # trailing output tokens sampled by a step not yet read back
+
     def __post_init__(self) -> None:
         self.token_ids = self.prompt_token_ids + self.output_token_ids
+
+    def add_placeholder(self) -> None:
+        self.output_token_ids.append(PLACEHOLDER)
+        self.token_ids.append(PLACEHOLDER)
+        self.num_pending += 1
+
+    def resolve_placeholder(self, token_id: int) -> None:
+        pos = len(self.output_token_ids) - self.num_pending
+        self.output_token_ids[pos] = token_id
+        self.token_ids[len(self.prompt_token_ids) + pos] = token_id
+        self.num_pending -= 1
 
 
 @dataclass
@@ -44,6 +58,10 @@ class StepInputs:
     sample_req_ids: list[str]
     # req_id -> (first row, number of rows, first target position) for prompt logprobs.
     prompt_logprob_spans: dict[str, tuple[int, int, int]]
+    # Rows whose input token is a placeholder (sampled by the previous step, still on the
+    # device), and their requests.
+    placeholder_rows: list[int] = field(default_factory=list)
+    placeholder_req_ids: list[str] = field(default_factory=list)
 
 
 class _HostStaging:
@@ -127,6 +145,8 @@ class InputBatch:
         sample_rows: list[int] = []
         sample_req_ids: list[str] = []
         spans: dict[str, tuple[int, int, int]] = {}
+        ph_rows: list[int] = []
+        ph_reqs: list[str] = []
         for rid in req_ids:
             state = self.states[rid]
             n = out.num_scheduled_tokens[rid]
@@ -145,6 +165,9 @@ class InputBatch:
             if end == len(state.token_ids):
                 sample_rows.append(row0 + n - 1)
                 sample_req_ids.append(rid)
+                if state.num_pending:  # NOTE: only the last token can still be pending
+                    ph_rows.append(row0 + n - 1)
+                    ph_reqs.append(rid)
             if state.wants_prompt_logprobs:
                 # Row r predicts token r+1; the last prompt token predicts the first output.
                 num_prompt = len(state.prompt_token_ids)
@@ -178,6 +201,8 @@ class InputBatch:
             sample_rows=sample_rows,
             sample_req_ids=sample_req_ids,
             prompt_logprob_spans=spans,
+            placeholder_rows=ph_rows,
+            placeholder_req_ids=ph_reqs,
         )
 
     def _to_host(self, ids: list[int], pos: list[int], slots: list[int], qsl: list[int],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -56,6 +57,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.kv_caches: list[torch.Tensor] = []
         self.graphs: CUDAGraphRunner | None = None
+        self._last_handle: StepHandle | None = None
         self.timings = {"load_weights_s": time.perf_counter() - t0}
 
     # ------------------------------------------------------------------ KV cache
@@ -144,36 +146,84 @@ class ModelRunner:
         logger.info("startup: %s", ", ".join(f"{k} {v:.2f}" for k, v in self.timings.items()))
 
     # ------------------------------------------------------------------ step
-    @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelOutput:
+        """The synchronous path: launch a step and wait for its tokens."""
+        return self.finish(self.launch(out))
+
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput) -> StepHandle:
+        """Enqueue one step on the device; returns before its sampled ids reach the host.
+
+        Input tokens sampled by the previous, possibly unfinished, step are placeholders on
+        the host and are gathered from that step's device tensor instead.
+        """
         self.batch.update(out)
         if out.total_num_scheduled_tokens == 0:
-            return ModelOutput()
+            return StepHandle(req_ids=[], sample_req_ids=[])
         inputs = self.batch.prepare(out)
+        if inputs.placeholder_rows:
+            self._fill_placeholders(inputs)
         meta = inputs.attn_metadata
         if self.graphs is not None and self.graphs.can_run(meta):
             hidden = self.graphs.run(inputs.input_ids, inputs.positions, meta)
         else:
             with set_forward_context(ForwardContext(meta, self.kv_caches, self.backend)):
                 hidden = self.model(inputs.input_ids, inputs.positions)  # [num_tokens, hidden]
-        sampled, logprobs = self._sample(hidden, inputs)
-        prompt_logprobs = self._prompt_logprobs(hidden, inputs)
-        result = ModelOutput(req_ids=inputs.req_ids, prompt_logprobs=prompt_logprobs)
-        for rid in inputs.req_ids:
-            tokens = sampled.get(rid)
-            result.sampled_token_ids.append([tokens] if tokens is not None else [])
-            lp = logprobs.get(rid)
+        handle = StepHandle(req_ids=inputs.req_ids, sample_req_ids=inputs.sample_req_ids)
+        if inputs.sample_rows:
+            self._sample(hidden, inputs, handle)
+        handle.prompt_logprobs = self._prompt_logprobs(hidden, inputs)
+        self._last_handle = handle
+        return handle
+
+    def finish(self, handle: StepHandle) -> ModelOutput:
+        """Wait for a launched step's sampled ids; idempotent."""
+        if handle.result is not None:
+            return handle.result
+        tokens: list[int] = []
+        if handle.sampled_host is not None:
+            if handle.copied is not None:
+                handle.copied.synchronize()
+            tokens = handle.sampled_host.tolist()
+        for rid, tok in zip(handle.sample_req_ids, tokens):
+            state = self.batch.states.get(rid)
+            if state is not None:
+                state.resolve_placeholder(tok)
+        sampled = dict(zip(handle.sample_req_ids, tokens))
+        result = ModelOutput(req_ids=handle.req_ids, prompt_logprobs=handle.prompt_logprobs)
+        for rid in handle.req_ids:
+            tok = sampled.get(rid)
+            result.sampled_token_ids.append([tok] if tok is not None else [])
+            lp = handle.logprobs.get(rid)
             result.logprobs.append([lp] if lp is not None else None)
+        handle.result = result
         return result
 
-    def _sample(
-        self, hidden: torch.Tensor, inputs: StepInputs
-    ) -> tuple[dict[str, int], dict[str, TokenLogprobs]]:
-        if not inputs.sample_rows:
-            return {}, {}
-        rows = torch.tensor(inputs.sample_rows, device=self.device)
-        logits = self.model.compute_logits(hidden[rows])  # [num_sampling, vocab] float32
+    def _fill_placeholders(self, inputs: StepInputs) -> None:
+        prev = self._last_handle
+        assert prev is not None and prev.sampled_device is not None, "placeholder without a step"
+        src = [prev.sample_req_ids.index(rid) for rid in inputs.placeholder_req_ids]
+        rows = torch.tensor(inputs.placeholder_rows, dtype=torch.int64)
+        src_t = torch.tensor(src, dtype=torch.int64)
+        if self.device.type == "cuda":
+            rows = rows.pin_memory().to(self.device, non_blocking=True)
+            src_t = src_t.pin_memory().to(self.device, non_blocking=True)
+        inputs.input_ids[rows] = prev.sampled_device[src_t]
+
+    def _sample(self, hidden: torch.Tensor, inputs: StepInputs, handle: StepHandle) -> None:
+        if len(inputs.sample_rows) == hidden.shape[0]:
+            picked = hidden  # every row samples (decode steps): no gather needed
+        else:
+            rows = torch.tensor(inputs.sample_rows, dtype=torch.int64)
+            if self.device.type == "cuda":
+                rows = rows.pin_memory().to(self.device, non_blocking=True)
+            picked = hidden[rows]
+        logits = self.model.compute_logits(picked)  # [num_sampling, vocab] float32
         states = [self.batch.states[rid] for rid in inputs.sample_req_ids]
+        if any(s.num_pending for s in states) and any(_needs_history(s) for s in states):
+            # Penalties read earlier output ids: wait for the previous step's tokens.
+            assert self._last_handle is not None
+            self.finish(self._last_handle)
         batch = SamplingBatch(
             params=[s.sampling_params for s in states],
             prompt_token_ids=[s.prompt_token_ids for s in states],
@@ -182,16 +232,19 @@ class ModelRunner:
             generators=[self._generator(s) for s in states],
         )
         out = self.sampler(logits, batch)
-        token_ids = out.sampled_token_ids.tolist()  # NOTE: the step's one host sync
-        sampled: dict[str, int] = {}
-        logprobs: dict[str, TokenLogprobs] = {}
-        for state, tok, lp in zip(states, token_ids, out.logprobs):
-            state.output_token_ids.append(tok)
-            state.token_ids.append(tok)
-            sampled[state.req_id] = tok
+        sampled = out.sampled_token_ids  # [num_sampling] int64, on the device
+        handle.sampled_device = sampled
+        if self.device.type == "cuda":
+            handle.sampled_host = torch.empty(sampled.shape, dtype=torch.int64, pin_memory=True)
+            handle.sampled_host.copy_(sampled, non_blocking=True)
+            handle.copied = torch.cuda.Event()
+            handle.copied.record()
+        else:
+            handle.sampled_host = sampled
+        for state, lp in zip(states, out.logprobs):
+            state.add_placeholder()
             if lp is not None:
-                logprobs[state.req_id] = lp
-        return sampled, logprobs
+                handle.logprobs[state.req_id] = lp
 
     def _generator(self, state: CachedRequestState) -> torch.Generator | None:
         seed = state.sampling_params.seed
@@ -216,6 +269,26 @@ class ModelRunner:
                 logits, targets, state.sampling_params.prompt_logprobs or 0
             )
         return result
+
+
+@dataclass
+class StepHandle:
+    """A launched step. Its sampled ids are on the device at once and on the host after
+    `copied`; `ModelRunner.finish` turns it into the step's ModelOutput."""
+
+    req_ids: list[str]  # batch order
+    sample_req_ids: list[str]  # requests that sample, in sampled-row order
+    sampled_device: torch.Tensor | None = None  # [num_sampling] int64
+    sampled_host: torch.Tensor | None = None  # [num_sampling] int64, pinned on GPU
+    copied: torch.cuda.Event | None = None
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
+    result: ModelOutput | None = None
+
+
+def _needs_history(state: CachedRequestState) -> bool:
+    p = state.sampling_params
+    return p.repetition_penalty != 1.0 or bool(p.frequency_penalty) or bool(p.presence_penalty)
 
 
 def _select_backend(name: str, device: torch.device):

@@ -97,3 +97,40 @@ def test_n_samples_share_prompt_blocks_and_match_single_seeds(path):
     for i, sample in enumerate(samples):
         single = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True, seed=7 + i)
         assert tokens(llm, [prompt], single)[0] == sample
+
+
+@pytest.mark.parametrize("opts", [
+    {},
+    {"max_num_batched_tokens": 7},
+    {"block_size": 4, "num_blocks": 24, "max_model_len": 96},
+])
+def test_async_scheduling_equals_sync(path, reference, opts):
+    llm = LLM(path, dtype="float32", async_scheduling="on", **opts)
+    assert llm.engine._async
+    assert tokens(llm, PROMPTS + PREFIXED) == [reference[i] for i in range(len(reference))]
+    params = [SamplingParams(temperature=0.9, max_tokens=20, ignore_eos=True, seed=100 + i,
+                             repetition_penalty=1.2 if i % 2 else 1.0,
+                             frequency_penalty=0.5 if i % 3 == 0 else 0.0)
+              for i in range(len(PROMPTS))]
+    sync = LLM(path, dtype="float32", async_scheduling="off")
+    assert tokens(llm, PROMPTS, params) == tokens(sync, PROMPTS, params)
+    assert llm.engine.kv.usage == 0.0 and not llm.engine.has_unfinished()
+
+
+def test_async_scheduling_stops_like_sync(path):
+    base = SamplingParams(temperature=0, max_tokens=30)
+    sync = LLM(path, dtype="float32", async_scheduling="off")
+    first = sync.generate(PROMPTS[:3], base, use_tqdm=False)
+    stop_tok = first[0].outputs[0].token_ids[4]
+    text = first[1].outputs[0].text
+    stop_str = text[len(text) // 2 : len(text) // 2 + 2] or "x"
+    params = [base.clone(stop_token_ids=[stop_tok]), base.clone(stop=[stop_str]),
+              base.clone(n=3, temperature=1.0, seed=5, max_tokens=9)]
+    asy = LLM(path, dtype="float32", async_scheduling="on")
+    a = asy.generate(PROMPTS[:3], params, use_tqdm=False)
+    s = sync.generate(PROMPTS[:3], params, use_tqdm=False)
+    for x, y in zip(a, s):
+        assert [(c.token_ids, c.text, c.finish_reason, c.stop_reason) for c in x.outputs] == [
+            (c.token_ids, c.text, c.finish_reason, c.stop_reason) for c in y.outputs]
+    assert asy.engine.kv.usage == 0.0
+    asy.engine.kv.check_integrity()

@@ -77,8 +77,9 @@ def test_chat_applies_the_template(llm):
     assert two[0].outputs[0].token_ids == two[1].outputs[0].token_ids == out.outputs[0].token_ids
 
 
-def test_engine_streams_incrementally_and_abort_frees_blocks(path):
-    engine = Engine(EngineConfig.from_kwargs(path, dtype="float32"))
+@pytest.mark.parametrize("mode", ["off", "on"])
+def test_engine_streams_incrementally_and_abort_frees_blocks(path, mode):
+    engine = Engine(EngineConfig.from_kwargs(path, dtype="float32", async_scheduling=mode))
     engine.add_request("a", "stream me", GREEDY.clone(max_tokens=6))
     engine.add_request("b", "abort me", GREEDY.clone(max_tokens=50))
     seen = {"a": [], "b": []}
