@@ -154,11 +154,16 @@ class InputBatch:
             end = start + n
             assert end <= len(state.token_ids), (rid, end, len(state.token_ids))
             assert len(state.block_ids) * bs >= end, (rid, len(state.block_ids), end)
-            ids.extend(state.token_ids[start:end])
-            positions = range(start, end)
-            pos.extend(positions)
             blocks = state.block_ids
-            slots.extend(blocks[p // bs] * bs + p % bs for p in positions)
+            if n == 1:  # decode: the common case, kept cheap
+                ids.append(state.token_ids[start])
+                pos.append(start)
+                slots.append(blocks[start // bs] * bs + start % bs)
+            else:
+                ids.extend(state.token_ids[start:end])
+                positions = range(start, end)
+                pos.extend(positions)
+                slots.extend(blocks[p // bs] * bs + p % bs for p in positions)
             row0 = qsl[-1]
             qsl.append(row0 + n)
             seq_lens.append(end)
@@ -174,10 +179,8 @@ class InputBatch:
                 rows = min(end, num_prompt - 1) - start
                 if rows > 0:
                     spans[rid] = (row0, rows, start + 1)
-        max_blocks = max(len(self.states[r].block_ids) for r in req_ids)
-        table = [self.states[r].block_ids + [0] * (max_blocks - len(self.states[r].block_ids))
-                 for r in req_ids]
-        host = self._to_host(ids, pos, slots, qsl, seq_lens, table)
+        tables = [self.states[r].block_ids for r in req_ids]
+        host = self._to_host(ids, pos, slots, qsl, seq_lens, tables)
         dev = self.device
         input_ids, positions, slot_mapping, qsl_t, seq_lens_t, table_t = (
             t.to(dev, non_blocking=True) for t in host
@@ -206,20 +209,26 @@ class InputBatch:
         )
 
     def _to_host(self, ids: list[int], pos: list[int], slots: list[int], qsl: list[int],
-                 seq_lens: list[int], table: list[list[int]]) -> tuple[torch.Tensor, ...]:
-        """Host tensors of the step's inputs: views of the staging buffers when they fit."""
+                 seq_lens: list[int], tables: list[list[int]]) -> tuple[torch.Tensor, ...]:
+        """Host tensors of the step's inputs: views of the staging buffers when they fit.
+        Block tables are right-padded with block 0 (never read: seq_lens bound the reads)."""
         st = self._staging
-        n, r, w = len(ids), len(seq_lens), len(table[0])
+        n, r, w = len(ids), len(seq_lens), max(map(len, tables))
+        i64, i32 = torch.int64, torch.int32
         if st is None or n > st.max_tokens or r > st.max_reqs or w > st.max_blocks:
-            i64, i32 = torch.int64, torch.int32
+            table = torch.zeros(r, w, dtype=i32)
+            for i, row in enumerate(tables):
+                table[i, : len(row)] = torch.tensor(row, dtype=i32)
             return (torch.tensor(ids, dtype=i64), torch.tensor(pos, dtype=i64),
                     torch.tensor(slots, dtype=i64), torch.tensor(qsl, dtype=i32),
-                    torch.tensor(seq_lens, dtype=i32), torch.tensor(table, dtype=i32))
+                    torch.tensor(seq_lens, dtype=i32), table)
         st.input_ids.numpy()[:n] = ids
         st.positions.numpy()[:n] = pos
         st.slot_mapping.numpy()[:n] = slots
         st.query_start_loc.numpy()[: r + 1] = qsl
         st.seq_lens.numpy()[:r] = seq_lens
-        st.block_table.numpy()[:r, :w] = table
+        bt = st.block_table.numpy()
+        for i, row in enumerate(tables):
+            bt[i, : len(row)] = row
         return (st.input_ids[:n], st.positions[:n], st.slot_mapping[:n],
                 st.query_start_loc[: r + 1], st.seq_lens[:r], st.block_table[:r, :w])

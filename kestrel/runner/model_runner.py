@@ -202,7 +202,8 @@ class ModelRunner:
     def _fill_placeholders(self, inputs: StepInputs) -> None:
         prev = self._last_handle
         assert prev is not None and prev.sampled_device is not None, "placeholder without a step"
-        src = [prev.sample_req_ids.index(rid) for rid in inputs.placeholder_req_ids]
+        where = {rid: i for i, rid in enumerate(prev.sample_req_ids)}
+        src = [where[rid] for rid in inputs.placeholder_req_ids]
         rows = torch.tensor(inputs.placeholder_rows, dtype=torch.int64)
         src_t = torch.tensor(src, dtype=torch.int64)
         if self.device.type == "cuda":
