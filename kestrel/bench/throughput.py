@@ -125,8 +125,8 @@ def run_kestrel(path: str, wl: Workload, engine_opts: dict[str, Any]) -> dict[st
     startup = time.perf_counter() - t0
     params = [SamplingParams(temperature=wl.temperature, max_tokens=n, ignore_eos=True)
               for n in wl.max_tokens]
-    llm.generate([wl.prompts[0][:16]], SamplingParams(max_tokens=8, ignore_eos=True),
-                 use_tqdm=False)  # warm-up
+    llm.generate([wl.prompts[0]], SamplingParams(max_tokens=8, ignore_eos=True),
+                 use_tqdm=False)  # the one warm-up request
     _sync(llm.engine.executor.runner.device)
     t0 = time.perf_counter()
     outs = llm.generate(wl.prompts, params, use_tqdm=True)

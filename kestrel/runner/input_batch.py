@@ -230,5 +230,7 @@ class InputBatch:
         bt = st.block_table.numpy()
         for i, row in enumerate(tables):
             bt[i, : len(row)] = row
+        # NOTE: the table keeps its full width so its row stride never changes: Triton
+        # specializes kernels on integer arguments, and a new stride would mean a recompile.
         return (st.input_ids[:n], st.positions[:n], st.slot_mapping[:n],
-                st.query_start_loc[: r + 1], st.seq_lens[:r], st.block_table[:r, :w])
+                st.query_start_loc[: r + 1], st.seq_lens[:r], st.block_table[:r])
