@@ -65,10 +65,11 @@ class StepInputs:
 
 
 class _HostStaging:
-    """Host buffers reused every step (pinned on GPU so copies can be asynchronous).
+    """Host buffers reused across steps (pinned on GPU so copies can be asynchronous).
 
-    NOTE: reuse is safe because each step ends with a host sync on the sampled tokens, after
-    which the previous step's copies have completed.
+    NOTE: with async scheduling a step's host-to-device copies may still be queued when the
+    next step is prepared, so InputBatch alternates two of these. A set is reused two steps
+    later, after the host has waited for the sampled tokens of the step that used it.
     """
 
     def __init__(self, max_tokens: int, max_reqs: int, max_blocks: int, pin: bool) -> None:
@@ -96,11 +97,13 @@ class InputBatch:
         self.block_size = block_size
         self.device = device
         self.states: dict[str, CachedRequestState] = {}
-        self._staging = (
-            _HostStaging(max_tokens, max_reqs, max_blocks_per_req, device.type == "cuda")
+        pin = device.type == "cuda"
+        self._stagings = (
+            [_HostStaging(max_tokens, max_reqs, max_blocks_per_req, pin) for _ in range(2)]
             if max_tokens > 0
-            else None
+            else []
         )
+        self._num_prepared = 0
 
     def update(self, out: SchedulerOutput) -> None:
         for rid in out.finished_req_ids:
@@ -212,7 +215,8 @@ class InputBatch:
                  seq_lens: list[int], tables: list[list[int]]) -> tuple[torch.Tensor, ...]:
         """Host tensors of the step's inputs: views of the staging buffers when they fit.
         Block tables are right-padded with block 0 (never read: seq_lens bound the reads)."""
-        st = self._staging
+        st = self._stagings[self._num_prepared % 2] if self._stagings else None
+        self._num_prepared += 1
         n, r, w = len(ids), len(seq_lens), max(map(len, tables))
         i64, i32 = torch.int64, torch.int32
         if st is None or n > st.max_tokens or r > st.max_reqs or w > st.max_blocks:
