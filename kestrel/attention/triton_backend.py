@@ -68,7 +68,9 @@ class TritonAttentionBackend(AttentionBackend):
                 meta.seq_lens[:num_decodes],
                 meta.max_seq_len,
                 scale,
-                num_splits=self.decode_num_splits,
+                # NOTE: next to a prefill, the decode rows are a small share of the step;
+                # one split keeps a single compiled variant for all mixed steps.
+                num_splits=self.decode_num_splits if num_decodes == num_reqs else 1,
                 out=out[rows],
             )
         if num_decodes < num_reqs:

@@ -98,34 +98,53 @@ class ModelRunner:
         """Run one forward at the largest step shape to measure peak activation memory."""
         sched, bs = self.scheduler_config, self.cache_config.block_size
         num_tokens = min(sched.max_num_batched_tokens, sched.max_model_len * sched.max_num_seqs)
-        num_blocks = cdiv(num_tokens, bs)
         caches = memory.allocate_kv_caches(
-            self.num_layers, num_blocks, bs, self.num_kv_heads, self.head_dim, self.dtype,
-            self.device,
+            self.num_layers, cdiv(num_tokens, bs) + 1, bs, self.num_kv_heads, self.head_dim,
+            self.dtype, self.device,
         )
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
-        meta_batch = InputBatch(bs, self.device)
-        state = CachedRequestState(
-            req_id="profile", prompt_token_ids=[0] * num_tokens, output_token_ids=[],
-            sampling_params=None, stop_token_ids=[],  # type: ignore[arg-type]
-            block_ids=list(range(num_blocks)), num_computed_tokens=0,
-        )
-        meta_batch.states[state.req_id] = state
-        out = SchedulerOutput(num_scheduled_tokens={"profile": num_tokens},
-                              total_num_scheduled_tokens=num_tokens)
-        out.scheduled_cached_reqs.req_ids.append("profile")
-        inputs = meta_batch.prepare(out)
-        with torch.inference_mode(), set_forward_context(
-            ForwardContext(inputs.attn_metadata, caches, self.backend)
-        ):
-            hidden = self.model(inputs.input_ids, inputs.positions)
-            self.model.compute_logits(hidden[: sched.max_num_seqs])
+        hidden = self._dummy_forward([num_tokens], caches)
+        self.model.compute_logits(hidden[: sched.max_num_seqs])
         torch.cuda.synchronize(self.device)
         del caches, hidden
         budget = memory.gpu_kv_budget(self.device, self.cache_config.gpu_memory_utilization)
         torch.cuda.empty_cache()
         return max(budget, 0)
+
+    @torch.inference_mode()
+    def _dummy_forward(self, query_lens: list[int], caches: list[torch.Tensor]) -> torch.Tensor:
+        """One eager forward of fresh requests with these query lengths (blocks from 0 up)."""
+        bs = self.cache_config.block_size
+        batch = InputBatch(bs, self.device)
+        out = SchedulerOutput()
+        next_block = 0
+        for i, n in enumerate(query_lens):
+            rid = f"dummy{i}"
+            num_blocks = cdiv(n, bs)
+            batch.states[rid] = CachedRequestState(
+                req_id=rid, prompt_token_ids=[0] * n, output_token_ids=[],
+                sampling_params=None, stop_token_ids=[],  # type: ignore[arg-type]
+                block_ids=list(range(next_block, next_block + num_blocks)),
+                num_computed_tokens=0,
+            )
+            next_block += num_blocks
+            out.scheduled_cached_reqs.req_ids.append(rid)
+            out.num_scheduled_tokens[rid] = n
+        out.total_num_scheduled_tokens = sum(query_lens)
+        inputs = batch.prepare(out)
+        with set_forward_context(ForwardContext(inputs.attn_metadata, caches, self.backend)):
+            return self.model(inputs.input_ids, inputs.positions)
+
+    def _warmup_kernels(self) -> None:
+        """Compile the eager kernel variants mixed steps use (each prefill tile config next
+        to decode rows), so the first real requests do not wait for the JIT."""
+        limit = min(self.scheduler_config.max_num_batched_tokens - 2,
+                    self.scheduler_config.max_model_len - 1)
+        for n in sorted({min(32, limit), min(300, limit), min(600, limit)}):
+            if n >= 2:
+                self._dummy_forward([1, 1, n], self.kv_caches)
+        torch.cuda.synchronize(self.device)
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         t0 = time.perf_counter()
@@ -134,6 +153,10 @@ class ModelRunner:
             self.head_dim, self.dtype, self.device,
         )
         self.timings["kv_alloc_s"] = time.perf_counter() - t0
+        if self.device.type == "cuda":
+            t0 = time.perf_counter()
+            self._warmup_kernels()
+            self.timings["warmup_s"] = time.perf_counter() - t0
         if self.device.type == "cuda" and not self.model_config.enforce_eager:
             t0 = time.perf_counter()
             sched = self.scheduler_config
