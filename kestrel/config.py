@@ -35,7 +35,8 @@ class ModelConfig:
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         if self.attention_backend not in ("auto", "triton", "reference"):
             raise ValueError(
-                f"attention_backend must be auto, triton or reference, got {self.attention_backend!r}"
+                "attention_backend must be auto, triton or reference, "
+                f"got {self.attention_backend!r}"
             )
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
@@ -78,7 +79,9 @@ class SchedulerConfig:
                 f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
             )
         if self.async_scheduling not in ("auto", "on", "off"):
-            raise ValueError(f"async_scheduling must be auto, on or off, got {self.async_scheduling!r}")
+            raise ValueError(
+                f"async_scheduling must be auto, on or off, got {self.async_scheduling!r}"
+            )
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
 

@@ -134,7 +134,8 @@ def run_kestrel(path: str, wl: Workload, engine_opts: dict[str, Any]) -> dict[st
     produced = sum(len(o.outputs[0].token_ids) for o in outs)
     assert produced == wl.output_tokens, (produced, wl.output_tokens)
     timings = dict(llm.engine.executor.runner.timings)
-    return {"startup_s": startup, "startup_breakdown": timings, "seconds": elapsed, "output_tok_s": produced / elapsed,
+    return {"startup_s": startup, "startup_breakdown": timings, "seconds": elapsed,
+            "output_tok_s": produced / elapsed,
             "total_tok_s": (produced + wl.prompt_tokens) / elapsed,
             "ms_per_token_batch1": 1000 * elapsed / produced if len(wl.prompts) == 1 else 0.0}
 

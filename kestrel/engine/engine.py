@@ -138,7 +138,9 @@ class Engine:
         """
         params = params if params is not None else self.default_params
         if output_kind not in OUTPUT_KINDS:
-            raise ValueError(f"output_kind must be one of {list(OUTPUT_KINDS)}, got {output_kind!r}")
+            raise ValueError(
+                f"output_kind must be one of {list(OUTPUT_KINDS)}, got {output_kind!r}"
+            )
         if request_id in self._groups:
             raise ValueError(f"request_id {request_id!r} is already in use")
         if not isinstance(priority, int):
@@ -156,7 +158,9 @@ class Engine:
             detoks=[],
             completions=[],
             output_kind=output_kind,
-            prompt_logprobs=[None] * len(prompt_ids) if params.prompt_logprobs is not None else None,
+            prompt_logprobs=(
+                [None] * len(prompt_ids) if params.prompt_logprobs is not None else None
+            ),
         )
         arrival = time.monotonic()
         for idx in range(params.n):

@@ -74,7 +74,8 @@ class LLM:
         priority: Sequence[int] | None,
     ) -> list[RequestOutput]:
         engine = self.engine
-        params = _per_prompt(sampling_params, len(prompts), engine.default_params, "sampling_params")
+        params = _per_prompt(sampling_params, len(prompts), engine.default_params,
+                             "sampling_params")
         priorities = _per_prompt(list(priority) if priority is not None else None,
                                  len(prompts), 0, "priority")
         # Validate everything first so a bad prompt queues nothing.
