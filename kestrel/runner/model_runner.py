@@ -139,8 +139,10 @@ class ModelRunner:
     def _warmup_kernels(self) -> None:
         """Compile the eager kernel variants mixed steps use (each prefill tile config next
         to decode rows), so the first real requests do not wait for the JIT."""
+        num_blocks = self.kv_caches[0].shape[1]
         limit = min(self.scheduler_config.max_num_batched_tokens - 2,
-                    self.scheduler_config.max_model_len - 1)
+                    self.scheduler_config.max_model_len - 1,
+                    (num_blocks - 2) * self.cache_config.block_size)  # dummy blocks must exist
         for n in sorted({min(32, limit), min(300, limit), min(600, limit)}):
             if n >= 2:
                 self._dummy_forward([1, 1, n], self.kv_caches)
