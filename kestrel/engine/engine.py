@@ -246,7 +246,10 @@ class Engine:
         cached = sched_out.scheduled_cached_reqs
         starts.update(zip(cached.req_ids, cached.num_computed_tokens))
         for rid, entries in model_out.prompt_logprobs.items():
-            group, _ = self._child_to_group[rid]
+            entry = self._child_to_group.get(rid)
+            if entry is None:
+                continue  # aborted while its step was in flight
+            group = entry[0]
             assert group.prompt_logprobs is not None
             first = starts[rid] + 1  # row j of the chunk predicts prompt token start + 1 + j
             for j, entry in enumerate(entries):

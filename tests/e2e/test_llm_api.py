@@ -118,3 +118,18 @@ def test_cli_reports_bad_input(path, capsys):
 def test_cli_help_lists_every_option():
     with pytest.raises(SystemExit):
         cli_main(["generate", "--help"])
+
+
+def test_abort_with_a_step_in_flight_loses_nothing(path):
+    engine = Engine(EngineConfig.from_kwargs(path, dtype="float32", async_scheduling="on",
+                                             max_num_batched_tokens=8))
+    engine.add_request("gone", list(range(3, 40)), SamplingParams(max_tokens=5, prompt_logprobs=1))
+    engine.add_request("kept", list(range(3, 12)), GREEDY.clone(max_tokens=5))
+    engine.step()  # launches the first chunk; its prompt logprobs are still in flight
+    assert engine.abort("gone")
+    finals = []
+    while engine.has_unfinished():
+        finals += [o for o in engine.step() if o.finished]
+    assert [o.request_id for o in finals] == ["kept"]
+    assert engine.kv.usage == 0.0
+    engine.kv.check_integrity()
