@@ -34,10 +34,12 @@ def path(tiny_model):
     return tiny_model("llama")
 
 
-@pytest.fixture(scope="module")
-def server(path):
-    built = build_server(EngineConfig.from_kwargs(path, dtype="float32", max_model_len=256),
-                         ServerConfig(served_model_name=[MODEL, "alias"]))
+@pytest.fixture(scope="module", params=["off", "on"], ids=["sync", "async"])
+def server(path, request):
+    # Both engine loops: synchronous, and async scheduling (the GPU default).
+    config = EngineConfig.from_kwargs(path, dtype="float32", max_model_len=256,
+                                      async_scheduling=request.param)
+    built = build_server(config, ServerConfig(served_model_name=[MODEL, "alias"]))
     thread = ServerThread(built.app).start()
     built.url = thread.url
     yield built
