@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(VENV)/bin/kestrel generate --temperature 0 --max-tokens 48 "def fibonacci(n):"
+	$(VENV)/bin/kestrel generate --temperature 0 --repetition-penalty 1.15 --max-tokens 64 "def fibonacci(n):"
 
 test: setup
 	$(PY) -m pytest -p no:cacheprovider
