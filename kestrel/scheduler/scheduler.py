@@ -228,7 +228,10 @@ class Scheduler:
             status = self._check_stop(request, tokens[-1])
             if status is not None:
                 request.drop_pending()
-                self.running.remove(request)
+                if request.status == RequestStatus.RUNNING:
+                    self.running.remove(request)
+                else:  # preempted after its token was sampled, before it was read
+                    self.waiting.remove(rid)
                 request.status = status
                 self._release(request)
             produced.append((request, tokens))

@@ -187,3 +187,28 @@ def test_random_workloads_keep_kv_invariants_and_never_starve(seed, num_blocks, 
         assert r.num_output_tokens <= r.sampling_params.max_tokens
     assert sched.kv.usage == 0.0
     assert sched.kv.num_free_blocks == num_blocks
+
+
+def test_async_apply_after_preemption_of_the_capped_request():
+    from kestrel.outputs import ModelOutput
+
+    sched = make_scheduler(num_blocks=4, block_size=4, max_model_len=16, prefix_caching=False)
+    capped = make_request(4, max_tokens=1, priority=1)  # lowest priority: the victim
+    other = make_request(12, max_tokens=3)
+    sched.add_request(other)
+    sched.add_request(capped)
+    out1 = sched.schedule()
+    assert set(out1.num_scheduled_tokens) == {other.request_id, capped.request_id}
+    sched.advance(out1)
+    assert capped.length_capped and capped.num_pending == 1
+    # other needs a fourth block for its sampled token: the pool (4 blocks) is full, so the
+    # lowest-priority running request, capped, is preempted with its token in flight.
+    sched.schedule()
+    assert capped.status == RequestStatus.PREEMPTED
+    result = ModelOutput(req_ids=[other.request_id, capped.request_id],
+                         sampled_token_ids=[[5], [6]], logprobs=[None, None])
+    produced = sched.apply_output(result)
+    assert capped.status == RequestStatus.FINISHED_LENGTH and capped.output_token_ids == [6]
+    assert capped.request_id not in sched.waiting
+    assert [r.request_id for r, _ in produced] == [other.request_id, capped.request_id]
+    sched.kv.check_integrity()
