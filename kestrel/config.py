@@ -20,7 +20,7 @@ class ModelConfig:
     tokenizer: str | None = None  # tokenizer folder; defaults to `model`
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda
-    attention_backend: str = "auto"  # auto (triton on GPU, reference on CPU) | triton | reference
+    attention_backend: str = "auto"  # auto (GPU: triton, else torch) | triton | torch | reference
     enforce_eager: bool = False  # never use CUDA graphs (debugging; graphs are GPU-only anyway)
     max_model_len: int | None = None  # prompt + output cap; None = config's max_position_embeddings
     global_seed: int = 0  # seeds sampling of requests that carry no seed of their own
@@ -33,9 +33,9 @@ class ModelConfig:
             raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
-        if self.attention_backend not in ("auto", "triton", "reference"):
+        if self.attention_backend not in ("auto", "triton", "torch", "reference"):
             raise ValueError(
-                "attention_backend must be auto, triton or reference, "
+                "attention_backend must be auto, triton, torch or reference, "
                 f"got {self.attention_backend!r}"
             )
         if self.max_model_len is not None and self.max_model_len < 1:

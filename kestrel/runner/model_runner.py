@@ -319,13 +319,17 @@ def _needs_history(state: CachedRequestState) -> bool:
 
 def _select_backend(name: str, device: torch.device):
     if name == "auto":
-        name = "triton" if device.type == "cuda" else "reference"
+        name = "triton" if device.type == "cuda" else "torch"
     if name == "triton":
         from kestrel.attention.triton_backend import TritonAttentionBackend
 
         return TritonAttentionBackend()
+    if name == "torch":
+        from kestrel.attention.torch_backend import TorchAttentionBackend
+
+        return TorchAttentionBackend()
     if name == "reference":
         from kestrel.attention.reference import ReferenceAttentionBackend
 
         return ReferenceAttentionBackend()
-    raise ValueError(f"attention_backend must be auto, reference or triton, got {name!r}")
+    raise ValueError(f"attention_backend must be auto, triton, torch or reference, got {name!r}")

@@ -29,7 +29,8 @@ def tokens(llm: LLM, prompts, params=GREEDY) -> list[list[int]]:
 @pytest.fixture(scope="module")
 def reference(path):
     """Every prompt alone, whole prompt in one step, no prefix caching."""
-    llm = LLM(path, dtype="float32", enable_prefix_caching=False, max_num_seqs=1)
+    llm = LLM(path, dtype="float32", enable_prefix_caching=False, max_num_seqs=1,
+              attention_backend="reference")
     return {i: tokens(llm, [p])[0] for i, p in enumerate(PROMPTS + PREFIXED)}
 
 
@@ -134,3 +135,9 @@ def test_async_scheduling_stops_like_sync(path):
             (c.token_ids, c.text, c.finish_reason, c.stop_reason) for c in y.outputs]
     assert asy.engine.kv.usage == 0.0
     asy.engine.kv.check_integrity()
+
+
+def test_torch_backend_equals_reference_backend(path, reference):
+    llm = LLM(path, dtype="float32", attention_backend="torch", max_num_batched_tokens=16)
+    assert llm.engine.executor.runner.backend.name == "torch"
+    assert tokens(llm, PROMPTS) == [reference[i] for i in range(len(PROMPTS))]
