@@ -52,6 +52,7 @@ class Scheduler:
             else:
                 self.waiting.remove(rid)
             request.status = status
+            request.drop_pending()  # a token still in flight for it is never shown
             self._release(request)
 
     def _release(self, request: Request) -> None:

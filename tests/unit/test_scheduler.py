@@ -212,3 +212,56 @@ def test_async_apply_after_preemption_of_the_capped_request():
     assert capped.request_id not in sched.waiting
     assert [r.request_id for r, _ in produced] == [other.request_id, capped.request_id]
     sched.kv.check_integrity()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 10_000),
+    num_blocks=st.integers(4, 20),
+    budget=st.integers(1, 20),
+    lens=st.lists(st.tuples(st.integers(1, 12), st.integers(1, 6)), min_size=1, max_size=8),
+)
+def test_async_lagged_results_keep_invariants(seed, num_blocks, budget, lens):
+    """The async engine loop: each step is scheduled and advanced before the previous step's
+    tokens are applied; random aborts in between."""
+    from kestrel.request import PLACEHOLDER
+    from tests.conftest import fake_model_output
+
+    rng = random.Random(seed)
+    block_size = 2
+    max_len = num_blocks * block_size
+    sched = make_scheduler(
+        num_blocks=num_blocks, block_size=block_size, max_num_batched_tokens=budget,
+        max_num_seqs=rng.randint(1, 5), max_model_len=max_len,
+    )
+    reqs = []
+    for plen, mtok in lens:
+        plen = min(plen, max_len - 1)
+        prompt = [rng.randint(2, 5) for _ in range(plen)]
+        reqs.append(make_request(prompt=prompt, max_tokens=min(mtok, max_len - plen)))
+    for r in reqs:
+        sched.add_request(r)
+    pending = None
+    for _ in range(3000):
+        if not sched.has_unfinished() and pending is None:
+            break
+        out = sched.schedule()
+        result = fake_model_output(sched, out, rng)
+        sched.advance(out)
+        if pending is not None:
+            sched.apply_output(pending)
+        pending = result if out.total_num_scheduled_tokens else None
+        if rng.random() < 0.03:
+            victim = rng.choice(reqs)
+            sched.finish_requests([victim.request_id], RequestStatus.FINISHED_ABORTED)
+        sched.kv.check_integrity()
+    else:
+        raise AssertionError("a request starved")
+    assert all(r.is_finished for r in reqs)
+    for r in reqs:
+        assert PLACEHOLDER not in r.output_token_ids and r.num_pending == 0
+        assert r.num_output_tokens <= r.sampling_params.max_tokens
+        if r.status == RequestStatus.FINISHED_LENGTH:
+            assert r.num_output_tokens == r.sampling_params.max_tokens or (
+                r.num_tokens >= max_len)
+    assert sched.kv.usage == 0.0 and sched.kv.num_free_blocks == num_blocks
