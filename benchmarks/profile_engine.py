@@ -1,19 +1,46 @@
-"""Where a decode-heavy run spends its time: host profile (cProfile) and GPU busy time.
+"""Where a decode-heavy run spends its time: host time per engine phase and GPU busy time.
 
-Usage: python benchmarks/profile_engine.py [--requests N] [--shape qwen3-0.6b]
+Usage: python benchmarks/profile_engine.py [--requests N] [--shape qwen3-0.6b] [--max-tokens N]
+
+Host phases are timed by wrapping the engine's methods (cheaper and less distorting than
+cProfile); the GPU side is the sum of kernel times from torch.profiler over the same workload.
 """
 
 from __future__ import annotations
 
 import argparse
-import cProfile
-import pstats
+import collections
+import functools
 import time
 
 import torch
 
 from kestrel import LLM, SamplingParams
 from kestrel.bench.throughput import make_workload, save_random_weights_cached
+from kestrel.engine.engine import Engine
+from kestrel.runner import sampler
+from kestrel.runner.input_batch import InputBatch
+from kestrel.runner.model_runner import ModelRunner
+from kestrel.scheduler.scheduler import Scheduler
+
+PHASES = [(Scheduler, "schedule"), (Scheduler, "advance"), (Scheduler, "apply_output"),
+          (InputBatch, "prepare"), (ModelRunner, "launch"), (ModelRunner, "_sample"),
+          (ModelRunner, "finish"), (Engine, "_process"), (Engine, "step")]
+
+
+def instrument(totals: collections.Counter) -> None:
+    for cls, name in PHASES + [(sampler, "_Plan")]:
+        fn = getattr(cls, name)
+
+        @functools.wraps(fn)
+        def timed(*args, _fn=fn, _name=name, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return _fn(*args, **kwargs)
+            finally:
+                totals[_name] += time.perf_counter() - t0
+
+        setattr(cls, name, timed)
 
 
 def main() -> None:
@@ -27,15 +54,16 @@ def main() -> None:
     wl = make_workload("nano-vllm", args.requests)
     params = SamplingParams(temperature=0.6, max_tokens=args.max_tokens, ignore_eos=True)
     llm.generate(wl.prompts, params, use_tqdm=False)  # warm-up
-    prof = cProfile.Profile()
+    totals: collections.Counter = collections.Counter()
+    instrument(totals)
     t0 = time.perf_counter()
-    prof.enable()
     llm.generate(wl.prompts, params, use_tqdm=False)
-    prof.disable()
+    torch.cuda.synchronize()
     wall = time.perf_counter() - t0
-    print(f"wall {wall:.2f} s, {args.requests * args.max_tokens / wall:,.0f} output tok/s")
-    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
-    # GPU busy time over the same run (kernel time summed; gaps = wall - busy).
+    print(f"wall {wall:.2f} s, {args.requests * args.max_tokens / wall:,.0f} output tok/s, "
+          f"~{args.max_tokens} steps")
+    for name, secs in totals.most_common():
+        print(f"  {name:14s} {secs * 1e3 / args.max_tokens:7.3f} ms/step  {secs / wall:5.1%}")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as p:
         t0 = time.perf_counter()
         llm.generate(wl.prompts, params, use_tqdm=False)
@@ -43,7 +71,7 @@ def main() -> None:
         wall = time.perf_counter() - t0
     busy = sum(e.self_device_time_total for e in p.key_averages()) / 1e6
     print(f"GPU kernels {busy:.2f} s of {wall:.2f} s wall ({busy / wall:.0%} busy)")
-    print(p.key_averages().table(sort_by="self_cuda_time_total", row_limit=15))
+    print(p.key_averages().table(sort_by="self_cuda_time_total", row_limit=12))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ PLACEHOLDER = -1  # a sampled token whose id has not reached the host yet
 
 
 class RequestStatus(enum.Enum):
+    # NOTE: the finished states come last: is_finished compares values.
     WAITING = enum.auto()
     RUNNING = enum.auto()
     PREEMPTED = enum.auto()  # waiting again after its blocks were taken; recomputes its tokens
@@ -28,13 +29,14 @@ class RequestStatus(enum.Enum):
 
     @property
     def is_finished(self) -> bool:
-        return self in _FINISH_REASONS
+        return self._value_ >= _FIRST_FINISHED  # NOTE: hot (every request, every step)
 
     @property
     def finish_reason(self) -> str | None:
         return _FINISH_REASONS.get(self)
 
 
+_FIRST_FINISHED = RequestStatus.FINISHED_STOPPED.value
 _FINISH_REASONS = {
     RequestStatus.FINISHED_STOPPED: "stop",
     RequestStatus.FINISHED_LENGTH: "length",
@@ -79,6 +81,7 @@ class Request:
         # request is not scheduled again.
         self.num_pending = 0
         self.length_capped = False
+        self._stop_id_set: frozenset[int] | None = None
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -128,6 +131,14 @@ class Request:
         params = self.sampling_params
         ids = [] if params.ignore_eos else list(self.eos_token_ids)
         ids.extend(t for t in params.stop_token_ids or [] if t not in ids)
+        return ids
+
+    @property
+    def stop_id_set(self) -> frozenset[int]:
+        """stop_token_ids() as a set, built once: it is read for every sampled token."""
+        ids = self._stop_id_set
+        if ids is None:
+            ids = self._stop_id_set = frozenset(self.stop_token_ids())
         return ids
 
     def __repr__(self) -> str:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kestrel.layers.linear import default_weight_loader
+from kestrel.layers.linear import default_weight_loader, linear
 
 
 class VocabEmbedding(nn.Module):
@@ -37,6 +37,7 @@ class LMHead(nn.Module):
             self.weight.weight_loader = default_weight_loader  # type: ignore[attr-defined]
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        # NOTE: the GEMM runs in the model dtype (as in HF); only the result is upcast so that
-        # sampling and logprobs are computed in float32.
-        return F.linear(hidden, self.weight).float()  # [num_tokens, vocab_size]
+        # NOTE: the GEMM runs in the model dtype, as in HF. The logits stay in it: the fused
+        # GPU sampler reads them once as they are, and every float32 consumer (sampler stages,
+        # logprobs) upcasts itself.
+        return linear(hidden, self.weight)  # [num_tokens, vocab_size]

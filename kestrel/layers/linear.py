@@ -30,6 +30,19 @@ def default_weight_loader(
     param.data.copy_(loaded)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x W^T (+ b). On CUDA, decode batches of at most 4 rows in 16-bit take the Triton GEMV,
+    which streams the weight closer to the HBM bandwidth than cuBLAS at those shapes."""
+    if x.is_cuda and x.dim() == 2 and x.shape[0] <= 4 and x.dtype in _GEMV_DTYPES:
+        from kestrel.kernels.gemv import gemv
+
+        return gemv(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+_GEMV_DTYPES = (torch.bfloat16, torch.float16)
+
+
 class LinearBase(nn.Module):
     """y = x W^T (+ b). Output rows may be split into named shards (`_shard_slices`)."""
 
@@ -71,7 +84,7 @@ class LinearBase(nn.Module):
         target.copy_(loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class ReplicatedLinear(LinearBase):

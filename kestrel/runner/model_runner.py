@@ -11,6 +11,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from kestrel.config import CacheConfig, ModelConfig, SchedulerConfig
@@ -24,7 +25,6 @@ from kestrel.runner.sampler import (
     Sampler,
     SamplingBatch,
     compute_prompt_logprobs,
-    make_generator,
 )
 from kestrel.scheduler.output import SchedulerOutput
 from kestrel.utils.math import cdiv
@@ -54,7 +54,9 @@ class ModelRunner:
             cache.block_size, self.device, scheduler.max_num_batched_tokens,
             scheduler.max_num_seqs, cdiv(scheduler.max_model_len, cache.block_size),
         )
-        self.sampler = Sampler()
+        self.sampler = Sampler(fused=self.device.type == "cuda")
+        # Noise keys of rows without a seed: reproducible for a given global_seed.
+        self._noise_rng = np.random.default_rng(model.global_seed)
         self.kv_caches: list[torch.Tensor] = []
         self.graphs: CUDAGraphRunner | None = None
         self._last_handle: StepHandle | None = None
@@ -255,7 +257,7 @@ class ModelRunner:
             prompt_token_ids=[s.prompt_token_ids for s in states],
             output_token_ids=[s.output_token_ids for s in states],
             stop_token_ids=[s.stop_token_ids for s in states],
-            generators=[self._generator(s) for s in states],
+            noise_seeds=self._noise_seeds(states),
         )
         out = self.sampler(logits, batch)
         sampled = out.sampled_token_ids  # [num_sampling] int64, on the device
@@ -272,14 +274,16 @@ class ModelRunner:
             if lp is not None:
                 handle.logprobs[state.req_id] = lp
 
-    def _generator(self, state: CachedRequestState) -> torch.Generator | None:
-        seed = state.sampling_params.seed
-        if seed is None:
-            return None
-        # NOTE: keyed by (seed, output position), so a seeded request draws the same noise
-        # whatever its batch and even when it is preempted and recomputed.
-        position = len(state.output_token_ids)
-        return make_generator((seed * 1_000_003 + position) % (2**63), self.device)
+    def _noise_seeds(self, states: list[CachedRequestState]) -> list[int]:
+        keys = self._noise_rng.integers(0, 2**63, size=len(states)).tolist()
+        for i, state in enumerate(states):
+            seed = state.sampling_params.seed
+            if seed is not None:
+                # NOTE: keyed by (seed, output position), so a seeded request draws the same
+                # noise whatever its batch and even when it is preempted and recomputed.
+                position = len(state.output_token_ids)
+                keys[i] = (seed * 1_000_003 + position) % (2**63)
+        return keys
 
     def _prompt_logprobs(
         self, hidden: torch.Tensor, inputs: StepInputs

@@ -12,6 +12,10 @@ Processing order (each stage is skipped when no row of the batch needs it):
 
     logit_bias -> mask stop ids below min_tokens -> repetition penalty -> frequency/presence
     -> [greedy rows: argmax] -> / temperature -> top-k -> top-p -> min-p -> exponential race
+
+On CUDA, batches that need no top-k, top-p or min-p (the common case) skip the float32 copy,
+the softmax and the noise tensor: one fused Triton kernel takes argmax(logits / T + Gumbel
+noise) straight from the model-dtype logits, keyed per row by `SamplingBatch.noise_seeds`.
 """
 
 from __future__ import annotations
@@ -40,7 +44,11 @@ class SamplingBatch:
     stop_token_ids: list[list[int]]
     # A row with a generator draws exactly one [vocab] noise vector from it per sample, so its
     # tokens do not depend on the rest of the batch; None = the device's default generator.
-    generators: list[torch.Generator | None]
+    # Left None, seeded rows (params.seed set) get a generator seeded with their noise seed.
+    generators: list[torch.Generator | None] | None = None
+    # Per-row 63-bit noise keys: derived from (seed, output position) for seeded rows, fresh
+    # random ones for the rest. Needed by the fused sampler; None = torch path only.
+    noise_seeds: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.params)
@@ -62,45 +70,112 @@ def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
 
 
 class Sampler:
-    """Stateless; per-request state (generators, token history) lives in `SamplingBatch`."""
+    """Stateless; per-request state (generators, token history) lives in `SamplingBatch`.
+
+    fused: use the Triton Gumbel-max kernel where the batch allows it (CUDA only)."""
+
+    def __init__(self, fused: bool = False) -> None:
+        self.fused = fused
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         assert logits.dim() == 2 and logits.shape[0] == len(batch), (logits.shape, len(batch))
-        logits = logits.float()  # [batch, vocab]; no copy when already float32
         num_rows, vocab = logits.shape
         if num_rows == 0:
             empty = torch.empty(0, dtype=torch.int64, device=logits.device)
             return SamplerOutput(empty, [])
         plan = _Plan(batch, vocab)
-        raw = logits  # logprobs are reported on the unprocessed distribution
-        logits = process_logits(logits, batch, plan)
-        if plan.all_greedy:
-            sampled = logits.argmax(dim=-1)
+        if self.fused and batch.noise_seeds is not None and not plan.needs_sorting:
+            sampled = _sample_fused(logits, batch, plan)
         else:
-            sampled = _sample_random(logits, batch, plan)
-            if plan.any_greedy:
-                greedy = _to_device(plan.greedy, torch.bool, logits.device)
-                sampled = torch.where(greedy, logits.argmax(dim=-1), sampled)
+            sampled = _sample_torch(logits.float(), batch, plan)
         logprobs: list[TokenLogprobs | None] = [None] * num_rows
-        if plan.logprob_rows:
-            _fill_sample_logprobs(logprobs, raw, sampled, batch, plan.logprob_rows)
+        if plan.logprob_rows:  # reported on the unprocessed distribution
+            _fill_sample_logprobs(logprobs, logits, sampled, batch, plan.logprob_rows)
         return SamplerOutput(sampled, logprobs)
 
 
+def _sample_torch(logits: torch.Tensor, batch: SamplingBatch, plan: _Plan) -> torch.Tensor:
+    """float32 logits -> [batch] int64 ids through the staged torch path."""
+    logits = process_logits(logits, batch, plan)
+    if plan.all_greedy:
+        return logits.argmax(dim=-1)
+    sampled = _sample_random(logits, batch, plan)
+    if plan.any_greedy:
+        greedy = _to_device(plan.greedy, torch.bool, logits.device)
+        sampled = torch.where(greedy, logits.argmax(dim=-1), sampled)
+    return sampled
+
+
+def _sample_fused(logits: torch.Tensor, batch: SamplingBatch, plan: _Plan) -> torch.Tensor:
+    """Penalties/bias (if any) in float32, then one Gumbel-max pass over the logits."""
+    from kestrel.kernels.sampling import gumbel_sample
+
+    if plan.bias_rows or plan.min_tokens_rows or plan.penalty_rows:
+        logits = process_logits(logits.float(), batch, plan)
+    assert batch.noise_seeds is not None
+    seeds = np.asarray(batch.noise_seeds, dtype=np.int64)
+    temps = np.asarray(plan.fused_temperatures, dtype=np.float32)  # 0 = greedy
+    return gumbel_sample(
+        logits,
+        _to_device(temps, torch.float32, logits.device),
+        _to_device(seeds, torch.int64, logits.device),
+    )
+
+
+def _sampling_key(p: SamplingParams) -> tuple:
+    """The fields of `p` the plan reads, cached on the object (params do not change once a
+    request is queued). Equal keys across a batch let the plan be built from one row."""
+    key = p.__dict__.get("_sampling_key")
+    if key is None:
+        key = (p.greedy, p.temperature, bool(p.logit_bias), p.min_tokens,
+               p.repetition_penalty, p.frequency_penalty, p.presence_penalty, p.logprobs,
+               p.top_k, p.top_p, p.min_p, p.seed is None)
+        p.__dict__["_sampling_key"] = key
+    return key
+
+
 class _Plan:
-    """Host-side summary of which stages the batch needs (one pass over the params)."""
+    """Host-side summary of which stages the batch needs (one pass over the params, or one
+    row broadcast when every row samples the same way: the common offline case)."""
 
     def __init__(self, batch: SamplingBatch, vocab: int) -> None:
-        params = batch.params
+        params, n = batch.params, len(batch.params)
+        keys = [_sampling_key(p) for p in params]
+        uniform = keys.count(keys[0]) == n
+        self._per_row(params[:1] if uniform else params, vocab)
+        if uniform and n > 1:
+            for name in ("greedy", "temperatures", "fused_temperatures", "top_k", "top_p",
+                         "filtered", "min_p"):
+                setattr(self, name, getattr(self, name) * n)
+            for name in ("bias_rows", "penalty_rows", "logprob_rows"):
+                setattr(self, name, list(range(n)) if getattr(self, name) else [])
+        self.min_tokens_rows = [
+            i
+            for i, p in enumerate(params)
+            if p.min_tokens and batch.stop_token_ids[i]
+            and len(batch.output_token_ids[i]) < p.min_tokens
+        ] if params[0].min_tokens or not uniform else []
+        num_sampling = n - sum(self.greedy)
+        if batch.generators is not None:
+            self.seeded_rows = [
+                i
+                for i, (g, gen) in enumerate(zip(self.greedy, batch.generators, strict=True))
+                if not g and gen is not None
+            ]
+        elif batch.noise_seeds is not None:  # generators are made from the noise seeds
+            self.seeded_rows = [
+                i for i, (p, g) in enumerate(zip(params, self.greedy, strict=True))
+                if not g and p.seed is not None
+            ]
+        else:
+            self.seeded_rows = []
+        self.any_unseeded = len(self.seeded_rows) < num_sampling
+
+    def _per_row(self, params: list[SamplingParams], vocab: int) -> None:
         self.greedy = [p.greedy for p in params]
         self.all_greedy = all(self.greedy)
         self.any_greedy = any(self.greedy)
         self.bias_rows = [i for i, p in enumerate(params) if p.logit_bias]
-        self.min_tokens_rows = [
-            i
-            for i, p in enumerate(params)
-            if batch.stop_token_ids[i] and len(batch.output_token_ids[i]) < p.min_tokens
-        ]
         self.penalty_rows = [
             i
             for i, p in enumerate(params)
@@ -114,6 +189,7 @@ class _Plan:
             1.0 if g else p.temperature for p, g in zip(params, self.greedy, strict=True)
         ]
         self.any_temperature = any(p.temperature != 1.0 for p in sampling)
+        self.fused_temperatures = [0.0 if g else t for g, t in zip(self.greedy, self.temperatures)]
         self.top_k = [
             vocab if g or p.top_k == -1 else min(p.top_k, vocab)
             for p, g in zip(params, self.greedy, strict=True)
@@ -134,12 +210,7 @@ class _Plan:
         )
         self.min_p = [0.0 if g else p.min_p for p, g in zip(params, self.greedy, strict=True)]
         self.any_min_p = any(p.min_p > 0.0 for p in sampling)
-        self.seeded_rows = [
-            i
-            for i, (g, gen) in enumerate(zip(self.greedy, batch.generators, strict=True))
-            if not g and gen is not None
-        ]
-        self.any_unseeded = len(self.seeded_rows) < len(sampling)
+        self.needs_sorting = self.any_top_k or self.any_top_p or self.any_min_p
 
 
 def _to_device(data: list | np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -289,7 +360,12 @@ def _sample_random(logits: torch.Tensor, batch: SamplingBatch, plan: _Plan) -> t
     if plan.any_unseeded:
         noise.exponential_()
     for i in plan.seeded_rows:
-        noise[i].exponential_(generator=batch.generators[i])
+        if batch.generators is not None:
+            generator = batch.generators[i]
+        else:
+            assert batch.noise_seeds is not None
+            generator = make_generator(batch.noise_seeds[i], device)
+        noise[i].exponential_(generator=generator)
     # NOTE: a zero draw would turn a masked token's 0/0 into NaN, which argmax prefers.
     noise.clamp_min_(torch.finfo(torch.float32).tiny)
     return probs.div_(noise).argmax(dim=-1)
@@ -335,7 +411,7 @@ def _fill_sample_logprobs(
         raw_rows, chosen = raw[index], sampled[index]  # [rows, vocab], [rows]
     counts = [batch.params[i].logprobs or 0 for i in rows]
     num_top = min(max(counts), raw.shape[1])
-    table = _logprob_table(torch.log_softmax(raw_rows, dim=-1), chosen, num_top)
+    table = _logprob_table(torch.log_softmax(raw_rows.float(), dim=-1), chosen, num_top)
     for i, n, row in zip(rows, counts, table, strict=True):
         out[i] = _unpack(row, min(n, num_top), num_top)
 

@@ -241,7 +241,7 @@ class Scheduler:
     def _check_stop(self, request: Request, last: int) -> RequestStatus | None:
         params = request.sampling_params
         num_known_outputs = request.num_output_tokens - request.num_pending
-        if num_known_outputs >= params.min_tokens and last in request.stop_token_ids():
+        if num_known_outputs >= params.min_tokens and last in request.stop_id_set:
             if last in params.stop_token_ids:
                 request.stop_reason = last
             return RequestStatus.FINISHED_STOPPED

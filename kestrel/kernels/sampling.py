@@ -1,0 +1,123 @@
+"""Fused temperature sampling: one read of the logits per row, no probabilities materialized.
+
+Owns the Gumbel-max kernel. Must not know about requests or sampling parameters beyond the
+per-row temperature and noise seed it is given.
+
+argmax_v(logit_v / T + G_v) with G_v = -log(-log(U_v)) i.i.d. Gumbel picks token v with
+probability softmax(logit / T)_v, so neither the softmax nor its normalizer is needed. U_v is
+a 23-bit uniform from an integer hash of (row seed, v): a row's draw depends on its seed alone,
+not on its batch. NOTE: a hash, not Philox: ten Philox rounds per token made the kernel
+integer-bound at a quarter of the memory bandwidth.
+A row with T = 0 takes the plain argmax (greedy). Ties go to the smallest token id.
+
+The vocabulary is split into chunks so that even one row fills the GPU; each program writes
+its chunk's best (score, id) and a small torch reduction picks the winner per row.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kestrel.kernels.utils import cdiv, num_sms
+
+
+@triton.jit
+def _hash_uniform(seed_lo, seed_hi, idx):
+    """Uniform in (0, 1) from (64-bit seed, index): two rounds of a 32-bit avalanche hash."""
+    x = idx.to(tl.uint32) * 0x9E3779B1 + seed_lo
+    for _ in tl.static_range(2):
+        x ^= x >> 16
+        x *= 0x7FEB352D
+        x ^= x >> 15
+        x *= 0x846CA68B
+        x ^= x >> 16
+        x += seed_hi
+    # 23 bits so that (k + 0.5) / 2^23 is exact in float32 and never rounds up to 1.
+    return ((x >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
+
+
+@triton.jit
+def _gumbel_argmax_kernel(
+    # pointers
+    logits_ptr,  # [rows, vocab]
+    temps_ptr,  # [rows] float32; 0 = greedy
+    seeds_ptr,  # [rows] int64
+    best_val_ptr,  # [rows, num_chunks] float32
+    best_idx_ptr,  # [rows, num_chunks] int32
+    # sizes
+    vocab,
+    chunk,
+    num_chunks,
+    # strides
+    stride_logits,
+    # meta
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0)
+    pid = tl.program_id(1)
+    temp = tl.load(temps_ptr + row)
+    seed = tl.load(seeds_ptr + row)
+    seed_lo = (seed & 0xFFFFFFFF).to(tl.uint32)
+    seed_hi = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    noisy = temp > 0.0
+    inv_temp = 1.0 / tl.where(noisy, temp, 1.0)
+    base = logits_ptr + row.to(tl.int64) * stride_logits
+    best_val = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    best_idx = tl.zeros([BLOCK], dtype=tl.int32)
+    start = pid * chunk
+    for off in range(0, chunk, BLOCK):
+        idx = start + off + tl.arange(0, BLOCK)
+        mask = idx < vocab
+        score = tl.load(base + idx, mask=mask, other=float("-inf")).to(tl.float32)
+        if noisy:
+            u = _hash_uniform(seed_lo, seed_hi, idx)
+            score = score * inv_temp - tl.log(-tl.log(u))  # u in (0, 1): both logs finite
+        score = tl.where(mask, score, float("-inf"))
+        better = score > best_val  # strict: the earlier (smaller) id wins ties
+        best_val = tl.where(better, score, best_val)
+        best_idx = tl.where(better, idx, best_idx)
+    top = tl.max(best_val, axis=0)
+    top_idx = tl.min(tl.where(best_val == top, best_idx, vocab), axis=0)
+    tl.store(best_val_ptr + row * num_chunks + pid, top)
+    tl.store(best_idx_ptr + row * num_chunks + pid, top_idx)
+
+
+def gumbel_sample(
+    logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch.Tensor
+) -> torch.Tensor:
+    """One token id per row, drawn from softmax(logits / T) (argmax where T = 0).
+
+    Args:
+        logits: [rows, vocab] float32/bf16/fp16, last dim contiguous; -inf masks a token.
+        temperatures: [rows] float32, >= 0.
+        seeds: [rows] int64 noise keys; the same (seed, logits, T) gives the same token.
+
+    Returns:
+        [rows] int64 on the logits' device.
+    """
+    assert logits.dim() == 2 and logits.stride(1) == 1, f"logits {tuple(logits.shape)}"
+    rows, vocab = logits.shape
+    assert temperatures.shape == (rows,) and seeds.shape == (rows,), (
+        f"temperatures {tuple(temperatures.shape)} seeds {tuple(seeds.shape)}"
+    )
+    if rows == 0:
+        return torch.empty(0, dtype=torch.int64, device=logits.device)
+    block = 1024 if vocab >= 1024 else triton.next_power_of_2(vocab)
+    # Enough programs to cover every SM a few times, each a whole number of blocks.
+    want = max(1, cdiv(4 * num_sms(logits.device), rows))
+    num_chunks = min(want, cdiv(vocab, block))
+    chunk = cdiv(cdiv(vocab, num_chunks), block) * block
+    num_chunks = cdiv(vocab, chunk)
+    best_val = torch.empty(rows, num_chunks, dtype=torch.float32, device=logits.device)
+    best_idx = torch.empty(rows, num_chunks, dtype=torch.int32, device=logits.device)
+    _gumbel_argmax_kernel[(rows, num_chunks)](
+        logits, temperatures, seeds, best_val, best_idx,
+        vocab, chunk, num_chunks, logits.stride(0), BLOCK=block, num_warps=4,
+    )
+    if num_chunks == 1:
+        return best_idx[:, 0].long()
+    # Chunks are in id order and argmax returns the first maximum: ties keep the smallest id.
+    winner = best_val.argmax(dim=1, keepdim=True)  # [rows, 1]
+    return best_idx.gather(1, winner).squeeze(1).long()
