@@ -1,6 +1,7 @@
 """Where a decode-heavy run spends its time: host time per engine phase and GPU busy time.
 
-Usage: python benchmarks/profile_engine.py [--requests N] [--shape qwen3-0.6b] [--max-tokens N]
+Usage: python benchmarks/profile_engine.py [--workload nano-vllm|batch1] [--requests N]
+           [--shape qwen3-0.6b] [--max-tokens N] [--temperature T]
 
 Host phases are timed by wrapping the engine's methods (cheaper and less distorting than
 cProfile); the GPU side is the sum of kernel times from torch.profiler over the same workload.
@@ -19,17 +20,22 @@ from kestrel import LLM, SamplingParams
 from kestrel.bench.throughput import make_workload, save_random_weights_cached
 from kestrel.engine.engine import Engine
 from kestrel.runner import sampler
+from kestrel.runner.cuda_graphs import CUDAGraphRunner
 from kestrel.runner.input_batch import InputBatch
 from kestrel.runner.model_runner import ModelRunner
 from kestrel.scheduler.scheduler import Scheduler
 
 PHASES = [(Scheduler, "schedule"), (Scheduler, "advance"), (Scheduler, "apply_output"),
-          (InputBatch, "prepare"), (ModelRunner, "launch"), (ModelRunner, "_sample"),
-          (ModelRunner, "finish"), (Engine, "_process"), (Engine, "step")]
+          (InputBatch, "prepare"), (InputBatch, "update"), (ModelRunner, "launch"),
+          (ModelRunner, "_sample"), (ModelRunner, "_fill_placeholders"), (ModelRunner, "finish"),
+          (ModelRunner, "_prompt_logprobs"), (CUDAGraphRunner, "run"), (Engine, "_process"),
+          (Engine, "step"), (sampler, "_Plan"), (sampler, "_to_device"),
+          (sampler, "_sample_fused"), (sampler, "_sample_torch"),
+          (torch.cuda.CUDAGraph, "replay")]
 
 
-def instrument(totals: collections.Counter) -> None:
-    for cls, name in PHASES + [(sampler, "_Plan")]:
+def instrument(totals: collections.Counter, calls: collections.Counter) -> None:
+    for cls, name in PHASES:
         fn = getattr(cls, name)
 
         @functools.wraps(fn)
@@ -39,31 +45,38 @@ def instrument(totals: collections.Counter) -> None:
                 return _fn(*args, **kwargs)
             finally:
                 totals[_name] += time.perf_counter() - t0
+                calls[_name] += 1
 
         setattr(cls, name, timed)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--workload", default="nano-vllm")
     ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--shape", default="qwen3-0.6b")
     ap.add_argument("--max-tokens", type=int, default=200)
+    ap.add_argument("--temperature", type=float, default=0.6)
     args = ap.parse_args()
+    print(f"# python benchmarks/profile_engine.py {vars(args)}")
     path = save_random_weights_cached("/tmp/kestrel-random-weights", args.shape)
     llm = LLM(path, max_model_len=4096, max_num_batched_tokens=16384)
-    wl = make_workload("nano-vllm", args.requests)
-    params = SamplingParams(temperature=0.6, max_tokens=args.max_tokens, ignore_eos=True)
+    wl = make_workload(args.workload, args.requests)
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens,
+                            ignore_eos=True)
     llm.generate(wl.prompts, params, use_tqdm=False)  # warm-up
     totals: collections.Counter = collections.Counter()
-    instrument(totals)
+    calls: collections.Counter = collections.Counter()
+    instrument(totals, calls)
     t0 = time.perf_counter()
     llm.generate(wl.prompts, params, use_tqdm=False)
     torch.cuda.synchronize()
     wall = time.perf_counter() - t0
-    print(f"wall {wall:.2f} s, {args.requests * args.max_tokens / wall:,.0f} output tok/s, "
+    print(f"wall {wall:.2f} s, {len(wl.prompts) * args.max_tokens / wall:,.0f} output tok/s, "
           f"~{args.max_tokens} steps")
     for name, secs in totals.most_common():
-        print(f"  {name:14s} {secs * 1e3 / args.max_tokens:7.3f} ms/step  {secs / wall:5.1%}")
+        print(f"  {name:18s} {secs * 1e3 / args.max_tokens:7.3f} ms/step  {secs / wall:6.1%}"
+              f"  {calls[name]:6d} calls")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as p:
         t0 = time.perf_counter()
         llm.generate(wl.prompts, params, use_tqdm=False)

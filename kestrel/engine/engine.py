@@ -7,6 +7,7 @@ requests into sibling sequences, detokenization and stop strings, and assembling
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from dataclasses import dataclass, field
@@ -73,6 +74,11 @@ class Engine:
         self._async = self.config.scheduler.async_scheduling == "on"
         self._inflight: tuple[SchedulerOutput, object] | None = None  # launched, not yet read
         self._child_to_group: dict[str, tuple[_Group, int]] = {}
+        # NOTE: the objects built so far (modules, configs, tokenizer) live as long as the
+        # engine; moving them out of the collector's generations keeps full collections,
+        # which run in the middle of steps, from rescanning them.
+        gc.collect()
+        gc.freeze()
         logger.info("engine ready in %.2f s", time.perf_counter() - t0)
 
     # ------------------------------------------------------------------ inputs

@@ -38,7 +38,9 @@ def _hash_uniform(seed_lo, seed_hi, idx):
     return ((x >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
 
 
-@triton.jit
+# NOTE: sizes that change with the batch are not specialized, so no batch size compiles a
+# new variant in the middle of serving.
+@triton.jit(do_not_specialize=["chunk", "num_chunks"])
 def _gumbel_argmax_kernel(
     # pointers
     logits_ptr,  # [rows, vocab]

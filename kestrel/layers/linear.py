@@ -31,9 +31,10 @@ def default_weight_loader(
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x W^T (+ b). On CUDA, decode batches of at most 4 rows in 16-bit take the Triton GEMV,
-    which streams the weight closer to the HBM bandwidth than cuBLAS at those shapes."""
-    if x.is_cuda and x.dim() == 2 and x.shape[0] <= 4 and x.dtype in _GEMV_DTYPES:
+    """x W^T (+ b). On CUDA, one-row inputs in 16-bit (batch-1 decode) take the Triton GEMV,
+    which streams the weight 5-13% faster than cuBLAS at 0.6B-8B shapes on one H100; from two
+    rows on cuBLAS is as fast or faster (benchmarks/kernels/bench_decode_small.py)."""
+    if x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and x.dtype in _GEMV_DTYPES:
         from kestrel.kernels.gemv import gemv
 
         return gemv(x, weight, bias)

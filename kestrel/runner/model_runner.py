@@ -26,6 +26,7 @@ from kestrel.runner.sampler import (
     SamplingBatch,
     compute_prompt_logprobs,
 )
+from kestrel.runner.staging import StepArena
 from kestrel.scheduler.output import SchedulerOutput
 from kestrel.utils.math import cdiv
 
@@ -54,7 +55,8 @@ class ModelRunner:
             cache.block_size, self.device, scheduler.max_num_batched_tokens,
             scheduler.max_num_seqs, cdiv(scheduler.max_model_len, cache.block_size),
         )
-        self.sampler = Sampler(fused=self.device.type == "cuda")
+        self.arena = StepArena(self.device)
+        self.sampler = Sampler(fused=self.device.type == "cuda", to_device=self.arena.to_device)
         # Noise keys of rows without a seed: reproducible for a given global_seed.
         self._noise_rng = np.random.default_rng(model.global_seed)
         self.kv_caches: list[torch.Tensor] = []
@@ -187,6 +189,7 @@ class ModelRunner:
         self.batch.update(out)
         if out.total_num_scheduled_tokens == 0:
             return StepHandle(req_ids=[], sample_req_ids=[])
+        self.arena.begin_step()
         inputs = self.batch.prepare(out)
         if inputs.placeholder_rows:
             self._fill_placeholders(inputs)
@@ -231,21 +234,15 @@ class ModelRunner:
         assert prev is not None and prev.sampled_device is not None, "placeholder without a step"
         where = {rid: i for i, rid in enumerate(prev.sample_req_ids)}
         src = [where[rid] for rid in inputs.placeholder_req_ids]
-        rows = torch.tensor(inputs.placeholder_rows, dtype=torch.int64)
-        src_t = torch.tensor(src, dtype=torch.int64)
-        if self.device.type == "cuda":
-            rows = rows.pin_memory().to(self.device, non_blocking=True)
-            src_t = src_t.pin_memory().to(self.device, non_blocking=True)
+        rows = self.arena.to_device(inputs.placeholder_rows, torch.int64)
+        src_t = self.arena.to_device(src, torch.int64)
         inputs.input_ids[rows] = prev.sampled_device[src_t]
 
     def _sample(self, hidden: torch.Tensor, inputs: StepInputs, handle: StepHandle) -> None:
         if len(inputs.sample_rows) == hidden.shape[0]:
             picked = hidden  # every row samples (decode steps): no gather needed
         else:
-            rows = torch.tensor(inputs.sample_rows, dtype=torch.int64)
-            if self.device.type == "cuda":
-                rows = rows.pin_memory().to(self.device, non_blocking=True)
-            picked = hidden[rows]
+            picked = hidden[self.arena.to_device(inputs.sample_rows, torch.int64)]
         logits = self.model.compute_logits(picked)  # [num_sampling, vocab] float32
         states = [self.batch.states[rid] for rid in inputs.sample_req_ids]
         if any(s.num_pending for s in states) and any(_needs_history(s) for s in states):
@@ -263,7 +260,7 @@ class ModelRunner:
         sampled = out.sampled_token_ids  # [num_sampling] int64, on the device
         handle.sampled_device = sampled
         if self.device.type == "cuda":
-            handle.sampled_host = torch.empty(sampled.shape, dtype=torch.int64, pin_memory=True)
+            handle.sampled_host = self.arena.host(sampled.numel(), torch.int64)
             handle.sampled_host.copy_(sampled, non_blocking=True)
             handle.copied = torch.cuda.Event()
             handle.copied.record()

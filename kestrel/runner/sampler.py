@@ -21,6 +21,7 @@ noise) straight from the model-dtype logits, keyed per row by `SamplingBatch.noi
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import chain
 
@@ -72,10 +73,14 @@ def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
 class Sampler:
     """Stateless; per-request state (generators, token history) lives in `SamplingBatch`.
 
-    fused: use the Triton Gumbel-max kernel where the batch allows it (CUDA only)."""
+    fused: use the Triton Gumbel-max kernel where the batch allows it (CUDA only).
+    to_device: how the fused path ships its per-row host data (the runner's pinned arena)."""
 
-    def __init__(self, fused: bool = False) -> None:
+    def __init__(
+        self, fused: bool = False, to_device: Callable[..., torch.Tensor] | None = None
+    ) -> None:
         self.fused = fused
+        self.to_device = to_device
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         assert logits.dim() == 2 and logits.shape[0] == len(batch), (logits.shape, len(batch))
@@ -85,7 +90,7 @@ class Sampler:
             return SamplerOutput(empty, [])
         plan = _Plan(batch, vocab)
         if self.fused and batch.noise_seeds is not None and not plan.needs_sorting:
-            sampled = _sample_fused(logits, batch, plan)
+            sampled = _sample_fused(logits, batch, plan, self.to_device)
         else:
             sampled = _sample_torch(logits.float(), batch, plan)
         logprobs: list[TokenLogprobs | None] = [None] * num_rows
@@ -106,7 +111,12 @@ def _sample_torch(logits: torch.Tensor, batch: SamplingBatch, plan: _Plan) -> to
     return sampled
 
 
-def _sample_fused(logits: torch.Tensor, batch: SamplingBatch, plan: _Plan) -> torch.Tensor:
+def _sample_fused(
+    logits: torch.Tensor,
+    batch: SamplingBatch,
+    plan: _Plan,
+    to_device: Callable[..., torch.Tensor] | None,
+) -> torch.Tensor:
     """Penalties/bias (if any) in float32, then one Gumbel-max pass over the logits."""
     from kestrel.kernels.sampling import gumbel_sample
 
@@ -115,11 +125,9 @@ def _sample_fused(logits: torch.Tensor, batch: SamplingBatch, plan: _Plan) -> to
     assert batch.noise_seeds is not None
     seeds = np.asarray(batch.noise_seeds, dtype=np.int64)
     temps = np.asarray(plan.fused_temperatures, dtype=np.float32)  # 0 = greedy
-    return gumbel_sample(
-        logits,
-        _to_device(temps, torch.float32, logits.device),
-        _to_device(seeds, torch.int64, logits.device),
-    )
+    if to_device is None:
+        to_device = lambda data, dtype: _to_device(data, dtype, logits.device)
+    return gumbel_sample(logits, to_device(temps, torch.float32), to_device(seeds, torch.int64))
 
 
 def _sampling_key(p: SamplingParams) -> tuple:
