@@ -50,6 +50,30 @@ def instrument(totals: collections.Counter, calls: collections.Counter) -> None:
         setattr(cls, name, timed)
 
 
+def log_compiles(events: list) -> None:
+    """Record every Triton JIT compile (in-memory cache miss): kernel name and seconds."""
+    from triton.runtime.jit import JITFunction
+
+    original = JITFunction._do_compile
+
+    def timed(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            events.append((self.fn.__name__, time.perf_counter() - t0))
+
+    JITFunction._do_compile = timed
+
+
+def report_compiles(label: str, events: list) -> None:
+    if events:
+        names = collections.Counter(name for name, _ in events)
+        print(f"  {label}: {len(events)} Triton compiles, {sum(t for _, t in events):.2f} s: "
+              f"{dict(names)}")
+    events.clear()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workload", default="nano-vllm")
@@ -57,14 +81,30 @@ def main() -> None:
     ap.add_argument("--shape", default="qwen3-0.6b")
     ap.add_argument("--max-tokens", type=int, default=200)
     ap.add_argument("--temperature", type=float, default=0.6)
+    ap.add_argument("--real-lengths", action="store_true",
+                    help="each request's max_tokens from the workload instead of --max-tokens")
     args = ap.parse_args()
     print(f"# python benchmarks/profile_engine.py {vars(args)}")
     path = save_random_weights_cached("/tmp/kestrel-random-weights", args.shape)
+    compiles: list = []
+    log_compiles(compiles)
     llm = LLM(path, max_model_len=4096, max_num_batched_tokens=16384)
+    report_compiles("start-up", compiles)
     wl = make_workload(args.workload, args.requests)
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens,
                             ignore_eos=True)
+    if args.real_lengths:
+        params = [params.clone(max_tokens=n) for n in wl.max_tokens]
+        args.max_tokens = sum(wl.max_tokens) // len(wl.max_tokens)
     llm.generate(wl.prompts, params, use_tqdm=False)  # warm-up
+    report_compiles("warm-up run", compiles)
+    for _ in range(2):  # plain timed runs: the run-to-run spread, with nothing attached
+        t0 = time.perf_counter()
+        llm.generate(wl.prompts, params, use_tqdm=False)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+        print(f"plain run: {wall:.2f} s, {len(wl.prompts) * args.max_tokens / wall:,.0f} tok/s")
+        report_compiles("plain run", compiles)
     totals: collections.Counter = collections.Counter()
     calls: collections.Counter = collections.Counter()
     instrument(totals, calls)
@@ -85,6 +125,27 @@ def main() -> None:
     busy = sum(e.self_device_time_total for e in p.key_averages()) / 1e6
     print(f"GPU kernels {busy:.2f} s of {wall:.2f} s wall ({busy / wall:.0%} busy)")
     print(p.key_averages().table(sort_by="self_cuda_time_total", row_limit=12))
+    print_gaps(p)
+
+
+def print_gaps(prof: torch.profiler.profile, min_us: float = 20.0) -> None:
+    """GPU idle gaps longer than min_us, grouped by the kernels on either side: a gap after
+    the sampler and before a layer's first kernel is the host preparing the next step."""
+    spans = sorted((e.time_range.start, e.time_range.end, e.name[:40])
+                   for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    by_pair: collections.Counter = collections.Counter()
+    count: collections.Counter = collections.Counter()
+    end, prev = spans[0][1], spans[0][2]
+    for start, stop, name in spans[1:]:
+        if start - end > min_us:
+            by_pair[(prev, name)] += start - end
+            count[(prev, name)] += 1
+        if stop > end:
+            end, prev = stop, name
+    total = sum(by_pair.values())
+    print(f"GPU gaps > {min_us:.0f} us: {total / 1e3:.0f} ms in {sum(count.values())} gaps")
+    for (a, b), us in by_pair.most_common(8):
+        print(f"  {us / 1e3:8.1f} ms {count[(a, b)]:5d}x  {a} -> {b}")
 
 
 if __name__ == "__main__":

@@ -7,11 +7,13 @@ command, device and date with every result; writes JSON. A benchmark, never a te
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import random
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,16 +130,45 @@ def run_kestrel(path: str, wl: Workload, engine_opts: dict[str, Any]) -> dict[st
     llm.generate([wl.prompts[0]], SamplingParams(max_tokens=8, ignore_eos=True),
                  use_tqdm=False)  # the one warm-up request
     _sync(llm.engine.executor.runner.device)
-    t0 = time.perf_counter()
-    outs = llm.generate(wl.prompts, params, use_tqdm=True)
-    elapsed = time.perf_counter() - t0
+    with _jit_compiles() as compiles:
+        t0 = time.perf_counter()
+        outs = llm.generate(wl.prompts, params, use_tqdm=True)
+        elapsed = time.perf_counter() - t0
     produced = sum(len(o.outputs[0].token_ids) for o in outs)
     assert produced == wl.output_tokens, (produced, wl.output_tokens)
     timings = dict(llm.engine.executor.runner.timings)
     return {"startup_s": startup, "startup_breakdown": timings, "seconds": elapsed,
             "output_tok_s": produced / elapsed,
             "total_tok_s": (produced + wl.prompt_tokens) / elapsed,
-            "ms_per_token_batch1": 1000 * elapsed / produced if len(wl.prompts) == 1 else 0.0}
+            "ms_per_token_batch1": 1000 * elapsed / produced if len(wl.prompts) == 1 else 0.0,
+            "preemptions": llm.engine.scheduler.num_preemptions,
+            "jit_compiles_in_run": len(compiles), "jit_compile_s": sum(compiles)}
+
+
+@contextlib.contextmanager
+def _jit_compiles() -> Iterator[list[float]]:
+    """Seconds of each Triton JIT compile (in-memory cache miss) inside the block: a kernel
+    variant first met mid-run stalls the engine, and the figure says how much."""
+    seconds: list[float] = []
+    try:
+        from triton.runtime.jit import JITFunction
+    except ImportError:
+        yield seconds
+        return
+    original = JITFunction._do_compile
+
+    def timed(self: Any, *args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            seconds.append(time.perf_counter() - t0)
+
+    JITFunction._do_compile = timed
+    try:
+        yield seconds
+    finally:
+        JITFunction._do_compile = original
 
 
 def run_hf(path: str, wl: Workload, device: torch.device, dtype: torch.dtype,
@@ -252,3 +283,5 @@ def _print_table(r: dict[str, Any]) -> None:
               f"{hf['output_tok_s'] / hf['roofline_tok_s']:>13.2f}{hf['seconds']:>10.2f}")
     parts = ", ".join(f"{n} {v:.2f}" for n, v in k["startup_breakdown"].items())
     print(f"  kestrel startup: {k['startup_s']:.1f} s ({parts})")
+    print(f"  during the run: {k['preemptions']} preemptions, {k['jit_compiles_in_run']} Triton "
+          f"compiles ({k['jit_compile_s']:.2f} s)")

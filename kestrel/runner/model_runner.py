@@ -27,6 +27,7 @@ from kestrel.runner.sampler import (
     compute_prompt_logprobs,
 )
 from kestrel.runner.staging import StepArena
+from kestrel.sampling_params import SamplingParams
 from kestrel.scheduler.output import SchedulerOutput
 from kestrel.utils.math import cdiv
 
@@ -140,6 +141,7 @@ class ModelRunner:
         with set_forward_context(ForwardContext(inputs.attn_metadata, caches, self.backend)):
             return self.model(inputs.input_ids, inputs.positions)
 
+    @torch.inference_mode()
     def _warmup_kernels(self) -> None:
         """Compile the eager kernel variants mixed steps use (each prefill tile config next
         to decode rows), so the first real requests do not wait for the JIT."""
@@ -147,9 +149,16 @@ class ModelRunner:
         limit = min(self.scheduler_config.max_num_batched_tokens - 2,
                     self.scheduler_config.max_model_len - 1,
                     (num_blocks - 2) * self.cache_config.block_size)  # dummy blocks must exist
+        hidden = None
         for n in sorted({min(32, limit), min(300, limit), min(600, limit)}):
             if n >= 2:
-                self._dummy_forward([1, 1, n], self.kv_caches)
+                hidden = self._dummy_forward([1, 1, n], self.kv_caches)
+        if hidden is not None:  # the LM head at one row (GEMV) and the fused sampler
+            logits = self.model.compute_logits(hidden[:1])
+            batch = SamplingBatch(params=[SamplingParams(temperature=0.5)],
+                                  prompt_token_ids=[[0]], output_token_ids=[[]],
+                                  stop_token_ids=[[]], noise_seeds=[0])
+            self.sampler(logits, batch)
         torch.cuda.synchronize(self.device)
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
