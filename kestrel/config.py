@@ -72,8 +72,14 @@ class SchedulerConfig:
     # Schedule step N+1 while step N runs (its sampled ids feed N+1 on the device):
     # auto = on for GPUs, off on CPU (where nothing would overlap) | on | off
     async_scheduling: str = "auto"
+    # KV kept free for running requests' future tokens when admitting new ones, as a share
+    # of their remaining max_tokens; rises by 0.1 after each preemption and decays by 0.001
+    # a step down to a tenth of its start (0 = admit while blocks are free, never reserve).
+    new_token_ratio: float = 0.7
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.new_token_ratio <= 1.0:
+            raise ValueError(f"new_token_ratio must be in [0, 1], got {self.new_token_ratio}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(
                 f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"

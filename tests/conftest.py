@@ -57,12 +57,16 @@ def make_scheduler(
     max_model_len: int = 128,
     chunked: bool = True,
     prefix_caching: bool = True,
+    new_token_ratio: float = 0.0,
 ) -> Scheduler:
+    """A scheduler over a small KV cache. No KV is reserved for future tokens by default, so
+    tests of preemption and block accounting control exactly when blocks run out."""
     cfg = SchedulerConfig(
         max_num_batched_tokens=max_num_batched_tokens,
         max_num_seqs=max_num_seqs,
         max_model_len=max_model_len,
         enable_chunked_prefill=chunked,
+        new_token_ratio=new_token_ratio,
     )
     return Scheduler(cfg, KVCacheManager(num_blocks, block_size, prefix_caching))
 

@@ -142,14 +142,16 @@ def run_kestrel(path: str, wl: Workload, engine_opts: dict[str, Any]) -> dict[st
             "total_tok_s": (produced + wl.prompt_tokens) / elapsed,
             "ms_per_token_batch1": 1000 * elapsed / produced if len(wl.prompts) == 1 else 0.0,
             "preemptions": llm.engine.scheduler.num_preemptions,
-            "jit_compiles_in_run": len(compiles), "jit_compile_s": sum(compiles)}
+            "jit_compiles_in_run": len(compiles),
+            "jit_compile_s": sum(t for _, t in compiles),
+            "jit_compiled_kernels": sorted({name for name, _ in compiles})}
 
 
 @contextlib.contextmanager
-def _jit_compiles() -> Iterator[list[float]]:
-    """Seconds of each Triton JIT compile (in-memory cache miss) inside the block: a kernel
-    variant first met mid-run stalls the engine, and the figure says how much."""
-    seconds: list[float] = []
+def _jit_compiles() -> Iterator[list[tuple[str, float]]]:
+    """(kernel, seconds) of each Triton JIT compile (in-memory cache miss) inside the block:
+    a kernel variant first met mid-run stalls the engine, and the figure says how much."""
+    seconds: list[tuple[str, float]] = []
     try:
         from triton.runtime.jit import JITFunction
     except ImportError:
@@ -162,7 +164,7 @@ def _jit_compiles() -> Iterator[list[float]]:
         try:
             return original(self, *args, **kwargs)
         finally:
-            seconds.append(time.perf_counter() - t0)
+            seconds.append((self.fn.__name__, time.perf_counter() - t0))
 
     JITFunction._do_compile = timed
     try:
@@ -284,4 +286,4 @@ def _print_table(r: dict[str, Any]) -> None:
     parts = ", ".join(f"{n} {v:.2f}" for n, v in k["startup_breakdown"].items())
     print(f"  kestrel startup: {k['startup_s']:.1f} s ({parts})")
     print(f"  during the run: {k['preemptions']} preemptions, {k['jit_compiles_in_run']} Triton "
-          f"compiles ({k['jit_compile_s']:.2f} s)")
+          f"compiles ({k['jit_compile_s']:.2f} s) {' '.join(k['jit_compiled_kernels'])}")

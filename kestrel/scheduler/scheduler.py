@@ -33,6 +33,9 @@ class Scheduler:
         self._finished_for_runner: set[str] = set()
         self._runner_holds: set[str] = set()
         self.num_preemptions = 0
+        # Share of running requests' remaining tokens kept free when admitting (adaptive).
+        self.new_token_ratio = config.new_token_ratio
+        self._min_token_ratio = config.new_token_ratio / 10
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request: Request) -> None:
@@ -110,6 +113,8 @@ class Scheduler:
 
         # 2) Waiting requests, in rank order, while budget, seats and blocks last. After a
         # preemption this step, admitting others would only thrash.
+        self._adapt_token_ratio(preempted_now)
+        free_tokens: int | None = None  # computed on the first admission attempt
         new_reqs: list[NewRequestData] = []
         while not preempted_now and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting.peek()
@@ -124,8 +129,17 @@ class Scheduler:
             if num_new > budget and not self.config.enable_chunked_prefill:
                 break
             num_new = min(num_new, budget)
+            # NOTE: a request admitted now that later forces a preemption costs a full
+            # recompute; keep room for the growth of those already running. With nothing
+            # running there is nothing to protect (and refusing could stall forever).
+            need = num_new + self._future_tokens(request, num_new + num_hit)
+            if free_tokens is None:
+                free_tokens = self._unreserved_tokens()
+            if self.running and need > free_tokens:
+                break
             if self.kv.allocate_slots(request, num_new, hit_blocks, num_hit) is None:
                 break
+            free_tokens -= need
             self.waiting.pop()
             request.num_computed_tokens = num_hit
             if request.num_cached_tokens < 0:
@@ -138,6 +152,30 @@ class Scheduler:
             scheduled[request.request_id] = num_new
 
         return self._build_output(scheduled, new_block_ids, new_reqs)
+
+    def _adapt_token_ratio(self, preempted: bool) -> None:
+        if self.config.new_token_ratio == 0.0:
+            return
+        if preempted:
+            self.new_token_ratio = min(1.0, self.new_token_ratio + 0.1)
+        else:
+            self.new_token_ratio = max(self._min_token_ratio, self.new_token_ratio - 0.001)
+
+    def _future_tokens(self, request: Request, num_cached: int) -> int:
+        """Tokens `request` may still add to the cache beyond `num_cached`: the rest of its
+        prompt in full, its remaining output scaled by new_token_ratio."""
+        final = request.num_prompt_tokens + (request.sampling_params.max_tokens or 0)
+        final = min(final, self.config.max_model_len or final)
+        prompt_left = max(request.num_prompt_tokens - num_cached, 0)
+        output_left = max(final - max(num_cached, request.num_prompt_tokens), 0)
+        return prompt_left + int(output_left * self.new_token_ratio)
+
+    def _unreserved_tokens(self) -> int:
+        """Free KV slots minus what running requests are expected to still need."""
+        free = self.kv.num_free_blocks * self.kv.block_size
+        if self.new_token_ratio <= 0.0:
+            return free
+        return free - sum(self._future_tokens(r, r.num_computed_tokens) for r in self.running)
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)

@@ -65,8 +65,9 @@ def test_prefix_cache_hit_equals_miss(path, reference):
 
 def test_forced_preemption_equals_none(path, reference):
     # 24 blocks of 4 tokens: one full-length sequence fits, six long ones do not.
+    # new_token_ratio=0: admit while blocks are free, so preemption must happen
     llm = LLM(path, dtype="float32", block_size=4, num_blocks=24, max_model_len=96,
-              enable_prefix_caching=False)
+              enable_prefix_caching=False, new_token_ratio=0.0)
     assert tokens(llm, PROMPTS) == [reference[i] for i in range(len(PROMPTS))]
     assert llm.engine.scheduler.num_preemptions > 0
     assert llm.engine.kv.usage == 0.0
@@ -80,7 +81,7 @@ def test_seeded_sampling_ignores_batch_and_preemption(path):
     batched = LLM(path, dtype="float32")
     assert tokens(batched, PROMPTS, params) == expected
     tight = LLM(path, dtype="float32", block_size=4, num_blocks=24, max_model_len=96,
-                max_num_batched_tokens=7)
+                max_num_batched_tokens=7, new_token_ratio=0.0)
     assert tokens(tight, PROMPTS, params) == expected
     assert tight.engine.scheduler.num_preemptions > 0
 

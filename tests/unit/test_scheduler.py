@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kestrel.request import RequestStatus
-from tests.conftest import make_request, make_scheduler, run_step
+from tests.conftest import fake_model_output, make_request, make_scheduler, run_step
 
 
 def test_token_budget_chunks_prompts_and_runs_running_first():
@@ -265,3 +265,58 @@ def test_async_lagged_results_keep_invariants(seed, num_blocks, budget, lens):
             assert r.num_output_tokens == r.sampling_params.max_tokens or (
                 r.num_tokens >= max_len)
     assert sched.kv.usage == 0.0 and sched.kv.num_free_blocks == num_blocks
+
+
+def _drain(sched, max_steps: int = 2000) -> int:
+    steps = 0
+    while sched.has_unfinished() and steps < max_steps:
+        run_step(sched)
+        steps += 1
+    assert not sched.has_unfinished()
+    return steps
+
+
+def test_kv_reservation_avoids_preemption_that_greedy_admission_causes():
+    """Eight requests that each grow from 8 to 40 tokens into a cache of 40 blocks of 4
+    (160 slots, four full-length sequences). Admitting while blocks are free packs them all
+    in and preempts as they grow; reserving for their outputs admits fewer and never does."""
+    def run(ratio):
+        sched = make_scheduler(num_blocks=40, block_size=4, max_num_batched_tokens=64,
+                               max_model_len=64, new_token_ratio=ratio)
+        for _ in range(8):
+            sched.add_request(make_request(8, max_tokens=32))
+        first = sched.schedule()
+        sched.update_from_output(first, fake_model_output(sched, first))
+        _drain(sched)
+        return sched, len(first.scheduled_new_reqs)
+
+    greedy, admitted_greedy = run(0.0)
+    reserved, admitted_reserved = run(1.0)
+    assert admitted_greedy == 8 and greedy.num_preemptions > 0
+    assert admitted_reserved == 4 and reserved.num_preemptions == 0
+    assert greedy.kv.usage == reserved.kv.usage == 0.0
+
+
+def test_kv_reservation_ratio_rises_after_preemption_and_decays():
+    sched = make_scheduler(num_blocks=40, block_size=4, max_num_batched_tokens=64,
+                           max_model_len=64, new_token_ratio=0.2)
+    for _ in range(8):
+        sched.add_request(make_request(8, max_tokens=32))
+    ratios = []
+    while sched.has_unfinished():
+        run_step(sched)
+        ratios.append(sched.new_token_ratio)
+    assert sched.num_preemptions > 0
+    assert max(ratios) > 0.2  # preemptions raised it
+    assert all(r >= 0.02 - 1e-9 for r in ratios)  # never below a tenth of the start
+    assert ratios[-1] < max(ratios)  # and it decays again once preemptions stop
+
+
+def test_reservation_never_blocks_an_idle_engine():
+    """A request whose future tokens exceed the free KV is still admitted when nothing runs."""
+    sched = make_scheduler(num_blocks=8, block_size=4, max_model_len=32, new_token_ratio=1.0)
+    req = make_request(4, max_tokens=28)  # 32 tokens = exactly the cache
+    sched.add_request(req)
+    out = sched.schedule()
+    assert req.request_id in out.num_scheduled_tokens
+    _drain(sched)
