@@ -152,7 +152,10 @@ class ModelRunner:
         hidden = None
         for n in sorted({min(32, limit), min(300, limit), min(600, limit)}):
             if n >= 2:
+                # NOTE: with and without leading decode rows: the prefill metadata then
+                # starts off or on a 16-byte boundary, which Triton compiles separately.
                 hidden = self._dummy_forward([1, 1, n], self.kv_caches)
+                self._dummy_forward([n], self.kv_caches)
         if hidden is not None:  # the LM head at one row (GEMV) and the fused sampler
             logits = self.model.compute_logits(hidden[:1])
             batch = SamplingBatch(params=[SamplingParams(temperature=0.5)],
