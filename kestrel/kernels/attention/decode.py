@@ -39,7 +39,9 @@ class DecodeConfig(NamedTuple):
     num_stages: int
 
 
-@triton.jit
+# NOTE: block tables come in more than one width (graph buffers, step staging); the row
+# stride is only an offset, so it is not specialized (no variant compiled mid-serving).
+@triton.jit(do_not_specialize=["stride_bt_req"])
 def _decode_kernel(
     # pointers
     q_ptr,

@@ -98,10 +98,12 @@ def _attend_tiles(
 
 
 # NOTE: mixed steps pass the metadata of the requests after the decode rows, i.e. views that
-# start num_decodes entries in. Triton specializes pointers on 16-byte alignment, so each
-# num_decodes % 4 would compile its own variant mid-serving; these are scalar loads anyway.
+# start num_decodes entries in, and block tables come in more than one width. Triton
+# specializes pointers on 16-byte alignment and integers on divisibility by 16, so each case
+# would compile its own variant mid-serving; these are scalar loads and offsets anyway.
 @triton.jit(
-    do_not_specialize_on_alignment=["block_table_ptr", "query_start_loc_ptr", "seq_lens_ptr"]
+    do_not_specialize=["stride_bt_req"],
+    do_not_specialize_on_alignment=["block_table_ptr", "query_start_loc_ptr", "seq_lens_ptr"],
 )
 def _prefill_kernel(
     # pointers
