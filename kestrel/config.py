@@ -75,7 +75,7 @@ class SchedulerConfig:
     # KV kept free for running requests' future tokens when admitting new ones, as a share
     # of their remaining max_tokens; rises by 0.1 after each preemption and decays by 0.001
     # a step down to a tenth of its start (0 = admit while blocks are free, never reserve).
-    new_token_ratio: float = 0.7
+    new_token_ratio: float = 0.7  # share of future tokens reserved at admission (0 = none)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.new_token_ratio <= 1.0:
