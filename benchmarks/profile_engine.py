@@ -19,7 +19,7 @@ import torch
 from kestrel import LLM, SamplingParams
 from kestrel.bench.throughput import make_workload, save_random_weights_cached
 from kestrel.engine.engine import Engine
-from kestrel.runner import sampler
+from kestrel.runner import sampler, sampling_plan
 from kestrel.runner.cuda_graphs import CUDAGraphRunner
 from kestrel.runner.input_batch import InputBatch
 from kestrel.runner.model_runner import ModelRunner
@@ -29,7 +29,7 @@ PHASES = [(Scheduler, "schedule"), (Scheduler, "advance"), (Scheduler, "apply_ou
           (InputBatch, "prepare"), (InputBatch, "update"), (ModelRunner, "launch"),
           (ModelRunner, "_sample"), (ModelRunner, "_fill_placeholders"), (ModelRunner, "finish"),
           (ModelRunner, "_prompt_logprobs"), (CUDAGraphRunner, "run"), (Engine, "_process"),
-          (Engine, "step"), (sampler, "_Plan"), (sampler, "_to_device"),
+          (Engine, "step"), (sampling_plan, "SamplingPlan"), (sampler, "_to_device"),
           (sampler, "_sample_fused"), (sampler, "_sample_torch"),
           (torch.cuda.CUDAGraph, "replay")]
 

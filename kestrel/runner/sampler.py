@@ -20,7 +20,6 @@ noise) straight from the model-dtype logits, keyed per row by `SamplingBatch.noi
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import chain
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 
 from kestrel.outputs import TokenLogprobs
+from kestrel.runner.sampling_plan import SamplingPlan
 from kestrel.sampling_params import SamplingParams
 
 _NEG_INF = float("-inf")
@@ -88,7 +88,7 @@ class Sampler:
         if num_rows == 0:
             empty = torch.empty(0, dtype=torch.int64, device=logits.device)
             return SamplerOutput(empty, [])
-        plan = _Plan(batch, vocab)
+        plan = SamplingPlan(batch, vocab)
         if self.fused and batch.noise_seeds is not None and not plan.needs_sorting:
             sampled = _sample_fused(logits, batch, plan, self.to_device)
         else:
@@ -99,7 +99,7 @@ class Sampler:
         return SamplerOutput(sampled, logprobs)
 
 
-def _sample_torch(logits: torch.Tensor, batch: SamplingBatch, plan: _Plan) -> torch.Tensor:
+def _sample_torch(logits: torch.Tensor, batch: SamplingBatch, plan: SamplingPlan) -> torch.Tensor:
     """float32 logits -> [batch] int64 ids through the staged torch path."""
     logits = process_logits(logits, batch, plan)
     if plan.all_greedy:
@@ -114,7 +114,7 @@ def _sample_torch(logits: torch.Tensor, batch: SamplingBatch, plan: _Plan) -> to
 def _sample_fused(
     logits: torch.Tensor,
     batch: SamplingBatch,
-    plan: _Plan,
+    plan: SamplingPlan,
     to_device: Callable[..., torch.Tensor] | None,
 ) -> torch.Tensor:
     """Penalties/bias (if any) in float32, then one Gumbel-max pass over the logits."""
@@ -130,97 +130,6 @@ def _sample_fused(
     return gumbel_sample(logits, to_device(temps, torch.float32), to_device(seeds, torch.int64))
 
 
-def _sampling_key(p: SamplingParams) -> tuple:
-    """The fields of `p` the plan reads, cached on the object (params do not change once a
-    request is queued). Equal keys across a batch let the plan be built from one row."""
-    key = p.__dict__.get("_sampling_key")
-    if key is None:
-        key = (p.greedy, p.temperature, bool(p.logit_bias), p.min_tokens,
-               p.repetition_penalty, p.frequency_penalty, p.presence_penalty, p.logprobs,
-               p.top_k, p.top_p, p.min_p, p.seed is None)
-        p.__dict__["_sampling_key"] = key
-    return key
-
-
-class _Plan:
-    """Host-side summary of which stages the batch needs (one pass over the params, or one
-    row broadcast when every row samples the same way: the common offline case)."""
-
-    def __init__(self, batch: SamplingBatch, vocab: int) -> None:
-        params, n = batch.params, len(batch.params)
-        keys = [_sampling_key(p) for p in params]
-        uniform = keys.count(keys[0]) == n
-        self._per_row(params[:1] if uniform else params, vocab)
-        if uniform and n > 1:
-            for name in ("greedy", "temperatures", "fused_temperatures", "top_k", "top_p",
-                         "filtered", "min_p"):
-                setattr(self, name, getattr(self, name) * n)
-            for name in ("bias_rows", "penalty_rows", "logprob_rows"):
-                setattr(self, name, list(range(n)) if getattr(self, name) else [])
-        self.min_tokens_rows = [
-            i
-            for i, p in enumerate(params)
-            if p.min_tokens and batch.stop_token_ids[i]
-            and len(batch.output_token_ids[i]) < p.min_tokens
-        ] if params[0].min_tokens or not uniform else []
-        num_sampling = n - sum(self.greedy)
-        if batch.generators is not None:
-            self.seeded_rows = [
-                i
-                for i, (g, gen) in enumerate(zip(self.greedy, batch.generators, strict=True))
-                if not g and gen is not None
-            ]
-        elif batch.noise_seeds is not None:  # generators are made from the noise seeds
-            self.seeded_rows = [
-                i for i, (p, g) in enumerate(zip(params, self.greedy, strict=True))
-                if not g and p.seed is not None
-            ]
-        else:
-            self.seeded_rows = []
-        self.any_unseeded = len(self.seeded_rows) < num_sampling
-
-    def _per_row(self, params: list[SamplingParams], vocab: int) -> None:
-        self.greedy = [p.greedy for p in params]
-        self.all_greedy = all(self.greedy)
-        self.any_greedy = any(self.greedy)
-        self.bias_rows = [i for i, p in enumerate(params) if p.logit_bias]
-        self.penalty_rows = [
-            i
-            for i, p in enumerate(params)
-            if p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty
-        ]
-        self.logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
-        # Greedy rows take the argmax of the penalized logits; the rest of their sampling
-        # parameters are neutralized so they never force a stage on the batch.
-        sampling = [p for p, g in zip(params, self.greedy, strict=True) if not g]
-        self.temperatures = [
-            1.0 if g else p.temperature for p, g in zip(params, self.greedy, strict=True)
-        ]
-        self.any_temperature = any(p.temperature != 1.0 for p in sampling)
-        self.fused_temperatures = [0.0 if g else t for g, t in zip(self.greedy, self.temperatures)]
-        self.top_k = [
-            vocab if g or p.top_k == -1 else min(p.top_k, vocab)
-            for p, g in zip(params, self.greedy, strict=True)
-        ]
-        self.any_top_k = min(self.top_k) < vocab
-        # top_p = 1 is sent as +inf so float rounding in the cumulative sum never masks a row.
-        self.top_p = [
-            math.inf if g or p.top_p >= 1.0 else p.top_p
-            for p, g in zip(params, self.greedy, strict=True)
-        ]
-        self.any_top_p = any(p.top_p < 1.0 for p in sampling)
-        self.filtered = [
-            k < vocab or p < math.inf for k, p in zip(self.top_k, self.top_p, strict=True)
-        ]
-        # Sorted candidates needed per row: its k, or the whole vocabulary for top-p alone.
-        self.top_k_width = max(
-            (k for k, f in zip(self.top_k, self.filtered, strict=True) if f), default=vocab
-        )
-        self.min_p = [0.0 if g else p.min_p for p, g in zip(params, self.greedy, strict=True)]
-        self.any_min_p = any(p.min_p > 0.0 for p in sampling)
-        self.needs_sorting = self.any_top_k or self.any_top_p or self.any_min_p
-
-
 def _to_device(data: list | np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Host data -> device tensor without a blocking copy (pinned staging on CUDA)."""
     host = torch.from_numpy(data) if isinstance(data, np.ndarray) else torch.tensor(data)
@@ -231,16 +140,18 @@ def _to_device(data: list | np.ndarray, dtype: torch.dtype, device: torch.device
 
 
 def process_logits(
-    logits: torch.Tensor, batch: SamplingBatch, plan: _Plan | None = None
+    logits: torch.Tensor, batch: SamplingBatch, plan: SamplingPlan | None = None
 ) -> torch.Tensor:
     """Logit bias, min_tokens masking and penalties: the logits greedy rows take the argmax
     of. Returns `logits` itself when no row needs any of them; never edits it in place."""
-    plan = plan or _Plan(batch, logits.shape[1])
+    plan = plan or SamplingPlan(batch, logits.shape[1])
     logits = _apply_token_rules(logits, batch, plan)
     return _apply_penalties(logits, batch, plan)
 
 
-def _apply_token_rules(logits: torch.Tensor, batch: SamplingBatch, plan: _Plan) -> torch.Tensor:
+def _apply_token_rules(
+    logits: torch.Tensor, batch: SamplingBatch, plan: SamplingPlan
+) -> torch.Tensor:
     """Logit bias, then -inf on stop ids of rows below min_tokens. Never edits the input."""
     if not plan.bias_rows and not plan.min_tokens_rows:
         return logits
@@ -290,7 +201,9 @@ def _token_counts(token_lists: list[list[int]], vocab: int, device: torch.device
     return counts.view(num_rows, vocab)
 
 
-def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch, plan: _Plan) -> torch.Tensor:
+def _apply_penalties(
+    logits: torch.Tensor, batch: SamplingBatch, plan: SamplingPlan
+) -> torch.Tensor:
     """Repetition (HF/CTRL, prompt + output) then frequency/presence (OpenAI, output only).
 
     Only the rows with a penalty are gathered and processed; their counts are built on the
@@ -320,7 +233,7 @@ def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch, plan: _Plan) ->
     return sub if full else logits.index_copy(0, row_index, sub)
 
 
-def _apply_top_k_top_p(logits: torch.Tensor, plan: _Plan) -> torch.Tensor:
+def _apply_top_k_top_p(logits: torch.Tensor, plan: SamplingPlan) -> torch.Tensor:
     """Keep the top-k tokens, then the smallest set of those whose probability (renormalized
     over the top-k) reaches top_p; at least one token always survives.
 
@@ -349,7 +262,7 @@ def _apply_top_k_top_p(logits: torch.Tensor, plan: _Plan) -> torch.Tensor:
     return logits.masked_fill(logits < cutoff, _NEG_INF)
 
 
-def _sample_random(logits: torch.Tensor, batch: SamplingBatch, plan: _Plan) -> torch.Tensor:
+def _sample_random(logits: torch.Tensor, batch: SamplingBatch, plan: SamplingPlan) -> torch.Tensor:
     """Temperature, top-k/top-p, min-p, then the exponential race: argmax(p / E) with
     E ~ Exponential(1) i.i.d. picks token i with probability p_i / sum(p), with no host sync
     and no need to normalize p."""
