@@ -17,7 +17,7 @@ import time
 import torch
 
 from kestrel import LLM, SamplingParams
-from kestrel.bench.throughput import make_workload, save_random_weights_cached
+from kestrel.bench.throughput import jit_compiles, make_workload, save_random_weights_cached
 from kestrel.engine.engine import Engine
 from kestrel.runner import sampler, sampling_plan
 from kestrel.runner.cuda_graphs import CUDAGraphRunner
@@ -50,22 +50,6 @@ def instrument(totals: collections.Counter, calls: collections.Counter) -> None:
         setattr(cls, name, timed)
 
 
-def log_compiles(events: list) -> None:
-    """Record every Triton JIT compile (in-memory cache miss): kernel name and seconds."""
-    from triton.runtime.jit import JITFunction
-
-    original = JITFunction._do_compile
-
-    def timed(self, *args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return original(self, *args, **kwargs)
-        finally:
-            events.append((self.fn.__name__, time.perf_counter() - t0))
-
-    JITFunction._do_compile = timed
-
-
 def report_compiles(label: str, events: list) -> None:
     if events:
         names = collections.Counter(name for name, _ in events)
@@ -86,8 +70,7 @@ def main() -> None:
     args = ap.parse_args()
     print(f"# python benchmarks/profile_engine.py {vars(args)}")
     path = save_random_weights_cached("/tmp/kestrel-random-weights", args.shape)
-    compiles: list = []
-    log_compiles(compiles)
+    compiles = jit_compiles().__enter__()  # stays installed for the whole script
     llm = LLM(path, max_model_len=4096, max_num_batched_tokens=16384)
     report_compiles("start-up", compiles)
     wl = make_workload(args.workload, args.requests)

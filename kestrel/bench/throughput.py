@@ -130,7 +130,7 @@ def run_kestrel(path: str, wl: Workload, engine_opts: dict[str, Any]) -> dict[st
     llm.generate([wl.prompts[0]], SamplingParams(max_tokens=8, ignore_eos=True),
                  use_tqdm=False)  # the one warm-up request
     _sync(llm.engine.executor.runner.device)
-    with _jit_compiles() as compiles:
+    with jit_compiles() as compiles:
         t0 = time.perf_counter()
         outs = llm.generate(wl.prompts, params, use_tqdm=True)
         elapsed = time.perf_counter() - t0
@@ -148,7 +148,7 @@ def run_kestrel(path: str, wl: Workload, engine_opts: dict[str, Any]) -> dict[st
 
 
 @contextlib.contextmanager
-def _jit_compiles() -> Iterator[list[tuple[str, float]]]:
+def jit_compiles() -> Iterator[list[tuple[str, float]]]:
     """(kernel, seconds) of each Triton JIT compile (in-memory cache miss) inside the block:
     a kernel variant first met mid-run stalls the engine, and the figure says how much."""
     seconds: list[tuple[str, float]] = []
