@@ -85,11 +85,33 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def measure_matmul(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of a large square matmul in `dtype`: the compute ceiling prefill runs against."""
+    n = 8192 if device.type == "cuda" else 512
+    dtype = dtype if device.type == "cuda" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    reps = 20 if device.type == "cuda" else 3
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
 def roofline(wl: Workload, hf_config: Any, dtype_bytes: int, max_num_seqs: int,
-             bandwidth: float) -> dict[str, float]:
+             bandwidth: float, kv_capacity_tokens: int | None = None,
+             matmul_flops: float | None = None) -> dict[str, float]:
     """Lower bound on time from the bytes decode must move: all weights once per step, plus
     every request's KV once per generated token. Steps come from a simulation of continuous
-    batching with `max_num_seqs` seats (prefill compute is not counted)."""
+    batching with `max_num_seqs` seats, and, given the KV cache's size, only as many running
+    requests as it holds at their full length.
+
+    With `matmul_flops`, also the serial bound: the memory bound plus prefill's GEMM FLOPs at
+    that rate, i.e. the time when prefill does not overlap decode."""
     c = hf_config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     kv_per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * dtype_bytes
@@ -100,23 +122,35 @@ def roofline(wl: Workload, hf_config: Any, dtype_bytes: int, max_num_seqs: int,
     kv_bytes = sum(
         kv_per_token * (n * len(p) + n * (n - 1) / 2) for p, n in zip(wl.prompts, wl.max_tokens)
     )
-    steps = _decode_steps(wl.max_tokens, max_num_seqs)
+    sizes = [len(p) + n for p, n in zip(wl.prompts, wl.max_tokens)]
+    steps = _decode_steps(wl.max_tokens, max_num_seqs, sizes, kv_capacity_tokens)
     seconds = (steps * weight_bytes + kv_bytes) / bandwidth
-    return {"decode_steps": steps, "weight_bytes": weight_bytes, "kv_read_bytes": kv_bytes,
-            "roofline_s": seconds, "roofline_tok_s": wl.output_tokens / seconds}
+    out = {"decode_steps": steps, "weight_bytes": weight_bytes, "kv_read_bytes": kv_bytes,
+           "roofline_s": seconds, "roofline_tok_s": wl.output_tokens / seconds}
+    if matmul_flops:
+        prefill_s = 2 * layers * per_layer * wl.prompt_tokens / matmul_flops
+        out.update(prefill_compute_s=prefill_s, matmul_tflops=matmul_flops / 1e12,
+                   serial_roofline_tok_s=wl.output_tokens / (seconds + prefill_s))
+    return out
 
 
-def _decode_steps(lengths: list[int], seats: int) -> int:
-    """Steps of a continuous batch that admits requests in order as seats free up."""
+def _decode_steps(lengths: list[int], seats: int, sizes: list[int] | None = None,
+                  capacity: int | None = None) -> int:
+    """Steps of a continuous batch that admits requests in order as seats free up; with
+    `capacity`, a request also waits until its `sizes` KV tokens fit next to the running
+    ones (a request larger than the whole cache runs alone)."""
     import heapq
 
-    ends: list[int] = []
-    step = 0
-    for n in lengths:
-        if len(ends) == seats:
-            step = heapq.heappop(ends)
-        heapq.heappush(ends, step + n)
-    return max(ends) if ends else 0
+    ends: list[tuple[int, int]] = []  # (end step, KV tokens) of running requests
+    step = used = 0
+    for i, n in enumerate(lengths):
+        need = sizes[i] if sizes is not None and capacity else 0
+        while ends and (len(ends) == seats or (capacity and used + need > capacity)):
+            step, freed = heapq.heappop(ends)
+            used -= freed
+        heapq.heappush(ends, (step + n, need))
+        used += need
+    return max(end for end, _ in ends) if ends else 0
 
 
 def run_kestrel(path: str, wl: Workload, engine_opts: dict[str, Any]) -> dict[str, float]:
@@ -142,6 +176,7 @@ def run_kestrel(path: str, wl: Workload, engine_opts: dict[str, Any]) -> dict[st
             "total_tok_s": (produced + wl.prompt_tokens) / elapsed,
             "ms_per_token_batch1": 1000 * elapsed / produced if len(wl.prompts) == 1 else 0.0,
             "preemptions": llm.engine.scheduler.num_preemptions,
+            "kv_capacity_tokens": llm.engine.kv.num_blocks * llm.engine.kv.block_size,
             "jit_compiles_in_run": len(compiles),
             "jit_compile_s": sum(t for _, t in compiles),
             "jit_compiled_kernels": sorted({name for name, _ in compiles})}
@@ -245,9 +280,12 @@ def run(args: argparse.Namespace, engine_opts: dict[str, Any]) -> int:
     print(f"# {report['command']}\n# device: {report['device']}  date: {report['date']}")
     print(f"# workload {wl.name}: {len(wl.prompts)} requests, {wl.prompt_tokens:,} prompt / "
           f"{wl.output_tokens:,} output tokens; copy bandwidth {bw / 1e9:.0f} GB/s")
+    report["matmul_TFLOPs"] = (flops := measure_matmul(device, dtype)) / 1e12
+    print(f"# matmul ({dtype_name}) {report['matmul_TFLOPs']:.0f} TFLOP/s")
     seats = engine_opts.get("max_num_seqs", 256)
-    report["roofline"] = roofline(wl, hf_config, dtype.itemsize, seats, bw)
     report["kestrel"] = run_kestrel(path, wl, engine_opts)
+    report["roofline"] = roofline(wl, hf_config, dtype.itemsize, seats, bw,
+                                  report["kestrel"]["kv_capacity_tokens"], flops)
     if args.hf_requests:
         sub = make_workload(args.workload, args.hf_requests, hf_config.vocab_size)
         report["hf"] = run_hf(path, sub, device, dtype, args.hf_batch_size)
@@ -274,6 +312,11 @@ def _print_table(r: dict[str, Any]) -> None:
     print(f"{'engine':<34}{'output tok/s':>14}{'of roofline':>13}{'seconds':>10}")
     print(f"{'memory roofline (decode bytes)':<34}{roof['roofline_tok_s']:>14,.0f}"
           f"{1.0:>13.2f}{roof['roofline_s']:>10.2f}")
+    if "serial_roofline_tok_s" in roof:
+        serial = roof["serial_roofline_tok_s"]
+        print(f"{'  + prefill GEMMs, not overlapped':<34}{serial:>14,.0f}"
+              f"{serial / roof['roofline_tok_s']:>13.2f}"
+              f"{roof['roofline_s'] + roof['prefill_compute_s']:>10.2f}")
     print(f"{'kestrel':<34}{k['output_tok_s']:>14,.0f}"
           f"{k['output_tok_s'] / roof['roofline_tok_s']:>13.2f}{k['seconds']:>10.2f}")
     if k["ms_per_token_batch1"]:

@@ -29,6 +29,14 @@ def test_decode_steps_of_a_continuous_batch():
     assert _decode_steps([5, 3, 4], seats=2) == 7  # 4 starts when 3 ends
 
 
+def test_decode_steps_limited_by_kv_capacity():
+    # Three seats, but the cache holds only two requests of 10 KV tokens at once.
+    assert _decode_steps([5, 3, 4], seats=3, sizes=[10, 10, 10], capacity=20) == 7
+    assert _decode_steps([5, 3, 4], seats=3, sizes=[10, 10, 10], capacity=30) == 5
+    # A request larger than the whole cache still runs (alone).
+    assert _decode_steps([5, 3], seats=3, sizes=[50, 10], capacity=20) == 8
+
+
 def test_cpu_run_writes_the_report(tiny_model, tmp_path, capsys):
     path = tiny_model("llama", max_position_embeddings=1024)
     out = tmp_path / "w.json"
@@ -41,5 +49,7 @@ def test_cpu_run_writes_the_report(tiny_model, tmp_path, capsys):
     assert k["output_tok_s"] > 0 and k["ms_per_token_batch1"] > 0
     assert k["preemptions"] == 0 and k["jit_compiles_in_run"] == 0
     assert 0 < report["roofline"]["roofline_tok_s"]
+    assert 0 < report["roofline"]["serial_roofline_tok_s"] < report["roofline"]["roofline_tok_s"]
+    assert k["kv_capacity_tokens"] > 0 and report["matmul_TFLOPs"] > 0
     printed = capsys.readouterr().out
     assert "of roofline" in printed and "during the run" in printed

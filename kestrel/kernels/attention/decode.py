@@ -6,7 +6,9 @@ the rows of one tile, so every K/V byte is read once per step. Splits write part
 (out, lse) that `merge_states` combines; with one split the kernel writes the output directly.
 Must not write the KV cache (kv_store does) or handle queries longer than one token.
 
-Split layout for one request of seq_len tokens, tokens_per_split = S (a multiple of BLOCK_N):
+Split layout for one request of seq_len tokens: each request divides its own context, so a
+short request next to long ones (or under a CUDA graph sized for max_model_len) still spreads
+over the splits; S = cdiv(seq_len, num_splits) rounded up to a multiple of BLOCK_N:
 
     keys:   [0 ...... S)[S ..... 2S)[2S .. seq_len)   [empty splits: lse = -inf]
     split:        0           1            2                  3 ... num_splits-1
@@ -52,7 +54,6 @@ def _decode_kernel(
     lse_ptr,
     # sizes
     qk_scale,
-    tokens_per_split,
     # strides
     stride_q_tok,
     stride_q_head,
@@ -87,6 +88,7 @@ def _decode_kernel(
     lse_ptrs = lse_ptr + req * stride_l_tok + heads * stride_l_head + split * stride_l_split
 
     seq_len = tl.load(seq_lens_ptr + req)
+    tokens_per_split = tl.cdiv(tl.cdiv(seq_len, tl.num_programs(2)), BLOCK_N) * BLOCK_N
     start = split * tokens_per_split
     end = tl.minimum(start + tokens_per_split, seq_len)
     out_ptrs = (
@@ -207,7 +209,6 @@ def decode_attention(
     cfg = config or default_decode_config(q.device, head_dim)
     if num_splits is None:
         num_splits = choose_num_splits(num_reqs, num_kv_heads, max_seq_len, q.device, cfg.block_n)
-    tokens_per_split = cdiv(cdiv(max(max_seq_len, 1), num_splits), cfg.block_n) * cfg.block_n
     group = num_q_heads // num_kv_heads
     lse = torch.empty(num_reqs, num_q_heads, num_splits, dtype=torch.float32, device=q.device)
     if num_splits == 1:
@@ -228,7 +229,6 @@ def decode_attention(
         dst,
         lse,
         scale * _LOG2E,
-        tokens_per_split,
         q.stride(0),
         q.stride(1),
         kv_cache.stride(0),
