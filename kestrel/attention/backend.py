@@ -58,6 +58,9 @@ class AttentionBackend(ABC):
     """
 
     name: str = "abstract"
+    # True when `attend` exists: the model may then write this step's K/V with a fused kernel
+    # (norm + RoPE + store in one launch) and skip the store inside `forward`.
+    attends_stored_kv: bool = False
 
     @abstractmethod
     def forward(
@@ -70,3 +73,13 @@ class AttentionBackend(ABC):
         scale: float,
     ) -> torch.Tensor:  # [num_tokens, num_q_heads, head_dim]
         ...
+
+    def attend(
+        self,
+        q: torch.Tensor,  # [num_tokens, num_q_heads, head_dim]
+        kv_cache: torch.Tensor,  # already holds this step's K/V at `meta.slot_mapping`
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [num_tokens, num_q_heads, head_dim]
+        """`forward` without the store; only for backends with `attends_stored_kv`."""
+        raise NotImplementedError(f"the {self.name} backend writes K/V inside forward()")

@@ -1,4 +1,5 @@
 """Triton paged-attention backend: stores this step's K/V, then runs decode/prefill kernels.
+Models that wrote K/V with the fused norm + RoPE + store kernel call `attend` directly.
 
 Owns the dispatch from `AttentionMetadata` to kernels: a batch whose requests all have one
 query goes to the split-KV decode kernel; otherwise leading one-token requests (the runner
@@ -15,6 +16,10 @@ from kestrel.kernels.attention import decode_attention, prefill_attention
 from kestrel.kernels.kv_store import store_kv
 
 
+# Decode batches from this many requests on launch their programs longest context first.
+_ORDER_MIN_REQS = 32
+
+
 def _count_leading_decodes(meta: AttentionMetadata) -> int:
     qsl = meta.query_start_loc_cpu
     num_reqs = meta.num_reqs
@@ -28,6 +33,7 @@ def _count_leading_decodes(meta: AttentionMetadata) -> int:
 
 class TritonAttentionBackend(AttentionBackend):
     name = "triton"
+    attends_stored_kv = True
 
     def __init__(self, decode_num_splits: int | None = None) -> None:
         # A fixed split count keeps decode grids static (CUDA graphs); None picks per step.
@@ -35,12 +41,20 @@ class TritonAttentionBackend(AttentionBackend):
         # The split point is the same for every layer of a step: compute it once per metadata.
         self._plan_meta: AttentionMetadata | None = None
         self._plan_num_decodes = 0
+        self._plan_order: torch.Tensor | None = None
 
-    def _num_leading_decodes(self, meta: AttentionMetadata) -> int:
+    def _plan(self, meta: AttentionMetadata) -> tuple[int, torch.Tensor | None]:
+        """(leading decode requests, their launch order or None) of this step."""
         if meta is not self._plan_meta:
             self._plan_meta = meta
-            self._plan_num_decodes = _count_leading_decodes(meta)
-        return self._plan_num_decodes
+            n = self._plan_num_decodes = _count_leading_decodes(meta)
+            # Longest contexts first: in a big batch of mixed lengths the kernel's tail is
+            # then short requests (a sort of <= 512 lengths, once per step, graph-capturable).
+            self._plan_order = (
+                torch.argsort(meta.seq_lens[:n], descending=True) if n >= _ORDER_MIN_REQS
+                else None
+            )
+        return self._plan_num_decodes, self._plan_order
 
     def forward(
         self,
@@ -52,11 +66,16 @@ class TritonAttentionBackend(AttentionBackend):
         scale: float,
     ) -> torch.Tensor:  # [num_tokens, num_q_heads, head_dim]
         store_kv(k, v, kv_cache, meta.slot_mapping)
+        return self.attend(q, kv_cache, meta, scale)
+
+    def attend(
+        self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    ) -> torch.Tensor:
         out = torch.empty_like(q)
         num_reqs = meta.num_reqs
         if num_reqs == 0:
             return out
-        num_decodes = self._num_leading_decodes(meta)
+        num_decodes, order = self._plan(meta)
         if num_decodes > 0:
             # NOTE: leading one-token requests own q rows qsl[0] + r, r < num_decodes.
             first = meta.query_start_loc_cpu[0]
@@ -72,6 +91,7 @@ class TritonAttentionBackend(AttentionBackend):
                 # one split keeps a single compiled variant for all mixed steps.
                 num_splits=self.decode_num_splits if num_decodes == num_reqs else 1,
                 out=out[rows],
+                order=order,
             )
         if num_decodes < num_reqs:
             prefill_attention(

@@ -89,3 +89,16 @@ def test_decode_bf16_real_shapes(batch_size, max_ctx, device):
         out = _run(batch, num_splits, 128**-0.5)
         assert torch.isfinite(out).all()
         assert rel_err(out, ref) < tolerance(torch.bfloat16, device)
+
+
+def test_decode_launch_order_does_not_change_results(device):
+    gen = torch.Generator().manual_seed(5)
+    batch = make_paged_batch([1] * 6, [9, 40, 1, 23, 64, 17], 4, 2, 16, 4, torch.float32, device,
+                             gen)
+    order = torch.argsort(batch.seq_lens, descending=True)
+    for num_splits in (1, 2):
+        plain = _run(batch, num_splits, 0.25)
+        out = torch.full_like(batch.q, torch.nan)
+        decode_attention(batch.q, batch.kv_cache, batch.block_table, batch.seq_lens,
+                         64, 0.25, num_splits=num_splits, out=out, order=order)
+        assert torch.equal(out, plain)

@@ -45,6 +45,7 @@ def _pad_rows(t: torch.Tensor, num_pad: int) -> torch.Tensor:
         ([1, 1, 1], [1, 17, 40]),  # all decode
         ([1, 1, 6, 17], [9, 33, 6, 40]),  # leading decodes, then prefills
         ([5, 1, 16], [21, 8, 16]),  # a decode in the middle goes through prefill
+        ([1] * 33, [(7 * i) % 41 + 1 for i in range(33)]),  # big batch: launched longest first
     ],
 )
 def test_backend_stores_then_attends(q_lens, seq_lens, device):

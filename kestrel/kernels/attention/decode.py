@@ -50,6 +50,7 @@ def _decode_kernel(
     cache_ptr,
     block_table_ptr,
     seq_lens_ptr,
+    order_ptr,
     out_ptr,
     lse_ptr,
     # sizes
@@ -75,9 +76,15 @@ def _decode_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
+    HAS_ORDER: tl.constexpr,
 ):
-    req = tl.program_id(0).to(tl.int64)
-    kv_head = tl.program_id(1)
+    # NOTE: kv heads are the fastest grid dim, so programs start request by request; with an
+    # order by decreasing context, the last programs to start are the shortest (a short tail).
+    kv_head = tl.program_id(0)
+    if HAS_ORDER:
+        req = tl.load(order_ptr + tl.program_id(1)).to(tl.int64)
+    else:
+        req = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
 
     offs_g = tl.arange(0, BLOCK_G)
@@ -172,6 +179,7 @@ def decode_attention(
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
     config: DecodeConfig | None = None,
+    order: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one new query per request over its paged context (keys 0..seq_len-1).
 
@@ -185,6 +193,8 @@ def decode_attention(
         scale: softmax scale.
         num_splits: KV splits per request (fixed for CUDA graphs); default from batch shape.
         out: optional [num_reqs, num_q_heads, head_dim] output buffer.
+        order: optional [num_reqs] permutation of the requests (e.g. by decreasing seq_len),
+            the order their programs are launched in; results do not depend on it.
 
     Returns:
         [num_reqs, num_q_heads, head_dim] in q.dtype.
@@ -195,6 +205,7 @@ def decode_attention(
     assert num_q_heads % num_kv_heads == 0, f"{num_q_heads} q heads vs {num_kv_heads} kv heads"
     assert block_table.dim() == 2 and block_table.shape[0] == num_reqs
     assert seq_lens.shape == (num_reqs,)
+    assert order is None or order.shape == (num_reqs,), f"order {tuple(order.shape)}"
     for name, t in (("q", q), ("kv_cache", kv_cache)):
         check_dtype(name, t)
         check_last_dim_contiguous(name, t)
@@ -220,12 +231,13 @@ def decode_attention(
         )
         dst_split_stride = dst.stride(2)
 
-    grid = (num_reqs, num_kv_heads, num_splits)
+    grid = (num_kv_heads, num_reqs, num_splits)
     _decode_kernel[grid](
         q,
         kv_cache,
         block_table,
         seq_lens,
+        order if order is not None else seq_lens,
         dst,
         lse,
         scale * _LOG2E,
@@ -248,6 +260,7 @@ def decode_attention(
         BLOCK_D=next_power_of_2(head_dim),
         BLOCK_N=cfg.block_n,
         PAGE_SIZE=page_size,
+        HAS_ORDER=order is not None,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
