@@ -1,9 +1,12 @@
 """Skinny GEMM for decode at tiny batch: y[m, n] = sum_k x[m, k] * W[n, k], m <= MAX_ROWS.
 
-Owns the kernel and its tile choice. Must not own weights. At batch 1 a linear layer only
-streams its weight once, and cuBLAS' GEMV leaves part of the HBM bandwidth unused on the
-shapes of 7-8B models; this kernel keeps more bytes in flight per SM (wide K tiles, pipelined
-loads) and accumulates in float32 registers, reducing over K once at the end.
+Owns the kernel, its tile choice, and the fused one-row prologues of decode: RMSNorm (with
+the residual add) before qkv / gate_up, and SiLU-and-mul before down. Must not own weights.
+At batch 1 a linear layer only streams its weight once, and cuBLAS' GEMV leaves part of the
+HBM bandwidth unused on the shapes of 7-8B models; this kernel keeps more bytes in flight per
+SM (wide K tiles, pipelined loads) and accumulates in float32 registers, reducing over K once
+at the end. The prologues fold the elementwise op into the x loads, so the separate ~2 us
+launch-bound kernel before each GEMV disappears.
 """
 
 from __future__ import annotations
@@ -19,12 +22,26 @@ MAX_ROWS = 4
 
 
 @triton.jit
-def _dot_rows(acc, w, x_row_ptr, k, mask_k, EVEN_K: tl.constexpr):
+def _load_k(ptr, k, mask_k, EVEN_K: tl.constexpr):
+    """A K-slice of a vector, unmasked when K is a multiple of the tile."""
     if EVEN_K:
-        x = tl.load(x_row_ptr + k)
+        return tl.load(ptr + k)
     else:
-        x = tl.load(x_row_ptr + k, mask=mask_k, other=0.0)
-    return acc + w * x.to(tl.float32)[None, :]
+        return tl.load(ptr + k, mask=mask_k, other=0.0)
+
+
+@triton.jit
+def _load_w(w_rows, k, mask_n, mask_k, EVEN_K: tl.constexpr):
+    if EVEN_K:
+        w = tl.load(w_rows + k[None, :], mask=mask_n[:, None], other=0.0)
+    else:
+        w = tl.load(w_rows + k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+    return w.to(tl.float32)
+
+
+@triton.jit
+def _dot_rows(acc, w, x_row_ptr, k, mask_k, EVEN_K: tl.constexpr):
+    return acc + w * _load_k(x_row_ptr, k, mask_k, EVEN_K).to(tl.float32)[None, :]
 
 
 @triton.jit
@@ -59,11 +76,7 @@ def _gemv_kernel(
     for k0 in range(0, K, BLOCK_K):
         k = k0 + offs_k
         mask_k = k < K
-        if EVEN_K:
-            w = tl.load(w_rows + k[None, :], mask=mask_n[:, None], other=0.0)
-        else:
-            w = tl.load(w_rows + k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        w = w.to(tl.float32)
+        w = _load_w(w_rows, k, mask_n, mask_k, EVEN_K)
         acc0 = _dot_rows(acc0, w, x_ptr, k, mask_k, EVEN_K)
         if M > 1:
             acc1 = _dot_rows(acc1, w, x_ptr + stride_xm, k, mask_k, EVEN_K)
@@ -81,6 +94,72 @@ def _gemv_kernel(
         tl.store(y_ptr + 3 * stride_ym + offs_n, tl.sum(acc3, axis=1).to(out_ty), mask=mask_n)
 
 
+@triton.jit
+def _gemv_prologue_kernel(
+    # pointers
+    x_ptr,  # [K] (RMSNORM) or [2K] = [gate | up] (SiLU-and-mul)
+    res_ptr,  # [K] residual, HAS_RESIDUAL only
+    h_ptr,  # [K] out: x + residual, HAS_RESIDUAL only
+    g_ptr,  # [K] norm weight, RMSNORM only
+    w_ptr,
+    b_ptr,  # [N] bias, HAS_BIAS only
+    y_ptr,
+    # sizes
+    N,
+    K,
+    eps,
+    # strides
+    stride_wn,
+    # meta
+    RMSNORM: tl.constexpr,  # else SiLU-and-mul
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    # One row of x; every program rebuilds the (L2-resident) input vector itself, so the op
+    # before the GEMV costs no launch and no extra HBM round trip.
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_n = offs_n < N
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]
+    x_ty = x_ptr.dtype.element_ty
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    ss = tl.zeros([BLOCK_K], dtype=tl.float32)  # RMSNORM: per-lane sums of h^2
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + offs_k
+        mask_k = k < K
+        w = _load_w(w_rows, k, mask_n, mask_k, EVEN_K)
+        if RMSNORM:
+            h = _load_k(x_ptr, k, mask_k, EVEN_K)
+            if HAS_RESIDUAL:
+                # Rounded to the activation dtype as norm.py does; program 0 stores it.
+                res = _load_k(res_ptr, k, mask_k, EVEN_K).to(tl.float32)
+                h = (h.to(tl.float32) + res).to(x_ty)
+                tl.store(h_ptr + k, h, mask=mask_k & (pid == 0))
+            hf = h.to(tl.float32)
+            ss += hf * hf
+            # RMSNorm is a per-row scale, applied after the reduction. Unlike norm.py, the
+            # normalized vector is not rounded to x's dtype before the weight multiply.
+            xk = hf * _load_k(g_ptr, k, mask_k, EVEN_K).to(tl.float32)
+        else:
+            # activation.py's rounding: silu in float32 rounded, product rounded, so the
+            # fused input is bit-identical to silu_and_mul's output.
+            gate = _load_k(x_ptr, k, mask_k, EVEN_K).to(tl.float32)
+            up = _load_k(x_ptr + K, k, mask_k, EVEN_K).to(tl.float32)
+            act = (gate / (1.0 + tl.exp(-gate))).to(x_ty)
+            xk = (act.to(tl.float32) * up).to(x_ty).to(tl.float32)
+        acc += w * xk[None, :]
+    y = tl.sum(acc, axis=1)
+    if RMSNORM:
+        y = y * tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+    if HAS_BIAS:  # in float32, before the single rounding (gemv adds it after rounding)
+        y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=mask_n)
+
+
 def _tiles(n: int, k: int, m: int = 1) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps), from a sweep on one H100 at 7-8B and 0.6B shapes:
     the widest K tile with two output rows per program wins except for very tall matrices
@@ -91,6 +170,22 @@ def _tiles(n: int, k: int, m: int = 1) -> tuple[int, int, int]:
     if m > 2:  # four float32 accumulators: halve the tile to keep them in registers
         block_k = max(block_k // 2, 16)
     return block_n, block_k, warps
+
+
+def _check_x_weight(x: torch.Tensor, weight: torch.Tensor, k: int) -> None:
+    assert weight.dim() == 2 and weight.shape[1] == k, (
+        f"x {tuple(x.shape)} weight {tuple(weight.shape)}"
+    )
+    assert x.dtype == weight.dtype, f"x {x.dtype} vs weight {weight.dtype}"
+    check_dtype("x", x)
+    check_last_dim_contiguous("x", x)
+    check_last_dim_contiguous("weight", weight)
+
+
+def _check_vector(name: str, t: torch.Tensor, size: int) -> None:
+    assert t.shape == (size,) and t.stride(0) == 1, (
+        f"{name} must be contiguous [{size}], got {tuple(t.shape)} strides {t.stride()}"
+    )
 
 
 def gemv(
@@ -110,14 +205,9 @@ def gemv(
     Returns:
         [m, n] in x.dtype.
     """
-    assert x.dim() == 2 and weight.dim() == 2 and x.shape[1] == weight.shape[1], (
-        f"x {tuple(x.shape)} weight {tuple(weight.shape)}"
-    )
+    assert x.dim() == 2, f"x must be [m, k], got {tuple(x.shape)}"
     assert x.shape[0] <= MAX_ROWS, f"x has {x.shape[0]} rows, at most {MAX_ROWS}"
-    assert x.dtype == weight.dtype, f"x {x.dtype} vs weight {weight.dtype}"
-    check_dtype("x", x)
-    check_last_dim_contiguous("x", x)
-    check_last_dim_contiguous("weight", weight)
+    _check_x_weight(x, weight, x.shape[1])
     m, k = x.shape
     n = weight.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
@@ -131,3 +221,80 @@ def gemv(
     if bias is not None:
         y += bias
     return y
+
+
+def _gemv_prologue(x, residual, h, norm_weight, weight, bias, eps, rmsnorm, tiles):
+    n, k = weight.shape
+    if bias is not None:
+        _check_vector("bias", bias, n)
+    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    block_n, block_k, warps = tiles or _tiles(n, k)
+    _gemv_prologue_kernel[(cdiv(n, block_n),)](
+        x, residual, h, norm_weight, weight, bias, y, n, k, eps, weight.stride(0),
+        RMSNORM=rmsnorm, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
+        BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
+        num_warps=warps, num_stages=4,
+    )
+    return y
+
+
+def gemv_rmsnorm(
+    x: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    residual: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    tiles: tuple[int, int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """rms_norm(x (+ residual)) @ weight.T (+ bias) for one row, in one launch.
+
+    Args:
+        x: [1, k], last dim contiguous.
+        norm_weight: contiguous [k].
+        weight: [n, k], last dim contiguous, same dtype as x.
+        residual: optional [1, k], same dtype as x.
+        bias: optional contiguous [n].
+        tiles: (BLOCK_N, BLOCK_K, num_warps) to override the heuristic (benchmarks).
+
+    Returns:
+        (y [1, n] in x.dtype, h) where h = x + residual rounded to x.dtype (a new tensor), or
+        x itself without residual.
+    """
+    assert x.dim() == 2 and x.shape[0] == 1, f"x must be one row [1, k], got {tuple(x.shape)}"
+    k = x.shape[1]
+    _check_x_weight(x, weight, k)
+    _check_vector("norm_weight", norm_weight, k)
+    h = x
+    if residual is not None:
+        assert residual.shape == x.shape and residual.dtype == x.dtype, (
+            f"residual {tuple(residual.shape)} {residual.dtype} vs x {tuple(x.shape)} {x.dtype}"
+        )
+        check_last_dim_contiguous("residual", residual)
+        h = torch.empty_like(x)
+    y = _gemv_prologue(x, residual, h, norm_weight, weight, bias, eps, True, tiles)
+    return y, h
+
+
+def gemv_silu_mul(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    tiles: tuple[int, int, int] | None = None,
+) -> torch.Tensor:
+    """(silu(gate) * up) @ weight.T (+ bias) for one row x = [gate | up], in one launch.
+
+    Args:
+        x: [1, 2 * i], last dim contiguous.
+        weight: [n, i], last dim contiguous, same dtype as x.
+        bias: optional contiguous [n].
+        tiles: (BLOCK_N, BLOCK_K, num_warps) to override the heuristic (benchmarks).
+
+    Returns:
+        [1, n] in x.dtype, rounded like silu_and_mul followed by gemv (up to the bias add).
+    """
+    assert x.dim() == 2 and x.shape[0] == 1 and x.shape[1] % 2 == 0, (
+        f"x must be one row [1, 2 * i], got {tuple(x.shape)}"
+    )
+    _check_x_weight(x, weight, x.shape[1] // 2)
+    return _gemv_prologue(x, None, None, None, weight, bias, 0.0, False, tiles)
