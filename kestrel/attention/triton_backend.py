@@ -15,7 +15,6 @@ from kestrel.attention.backend import AttentionBackend, AttentionMetadata
 from kestrel.kernels.attention import decode_attention, prefill_attention
 from kestrel.kernels.kv_store import store_kv
 
-
 # Decode batches from this many requests on launch their programs longest context first.
 _ORDER_MIN_REQS = 32
 

@@ -14,6 +14,13 @@ from kestrel.kernels.utils import check_dtype, check_last_dim_contiguous, next_p
 
 
 @triton.jit
+def slot_address(cache_ptr, slot, block_size, stride_c_block, stride_c_slot):
+    """Address of flat slot `slot` (int64, so large block ids cannot overflow) in one paged
+    cache: block slot // block_size, row slot % block_size. Jit helper, shared with rope_store."""
+    return cache_ptr + (slot // block_size) * stride_c_block + (slot % block_size) * stride_c_slot
+
+
+@triton.jit
 def _kv_store_kernel(
     # pointers
     k_ptr,
@@ -41,8 +48,6 @@ def _kv_store_kernel(
     slot = tl.load(slot_mapping_ptr + tok).to(tl.int64)
     if slot < 0:  # padding row: nothing to store
         return
-    block = slot // block_size
-    offset = slot % block_size
 
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
@@ -55,13 +60,8 @@ def _kv_store_kernel(
     v = tl.load(
         v_ptr + tok * stride_v_tok + offs_h[:, None] * stride_v_head + offs_d[None, :], mask=mask
     )
-    dst = (
-        cache_ptr
-        + block * stride_c_block
-        + offset * stride_c_slot
-        + offs_h[:, None] * stride_c_head
-        + offs_d[None, :]
-    )
+    dst = slot_address(cache_ptr, slot, block_size, stride_c_block, stride_c_slot)
+    dst += offs_h[:, None] * stride_c_head + offs_d[None, :]
     tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
     tl.store(dst + stride_c_kv, v.to(cache_ptr.dtype.element_ty), mask=mask)
 

@@ -14,6 +14,26 @@ from kestrel.kernels.utils import check_dtype, check_last_dim_contiguous, next_p
 
 
 @triton.jit
+def rms_inv(xf, n, eps):
+    """Reciprocal RMS of one float32 row (zero past its n valid entries). Jit helper, shared with
+    rope_store: per-head norms there must reduce exactly as this kernel does."""
+    var = tl.sum(xf * xf, axis=0) / n
+    return tl.rsqrt(var + eps)
+
+
+@triton.jit
+def rms_scale(xf, inv, w, dtype: tl.constexpr):
+    """Normalized row times the weight, in float32, with HF's rounding of the normalized value
+    to `dtype` before the scale. Jit helper; the caller rounds the result."""
+    return (xf * inv).to(dtype).to(tl.float32) * w.to(tl.float32)
+
+
+def row_num_warps(block: int) -> int:
+    """Warps for one program per row of `block` entries (the reduction layout follows them)."""
+    return min(max(block // 512, 1), 16)
+
+
+@triton.jit
 def _rms_norm_kernel(
     # pointers
     x_ptr,
@@ -44,10 +64,8 @@ def _rms_norm_kernel(
         x = (x.to(tl.float32) + res.to(tl.float32)).to(x_ptr.dtype.element_ty)
         tl.store(residual_out_ptr + row * stride_res_out + offs, x, mask=mask)
     xf = x.to(tl.float32)
-    var = tl.sum(xf * xf, axis=0) / hidden_size
-    normed = (xf * tl.rsqrt(var + eps)).to(x_ptr.dtype.element_ty)
     w = tl.load(weight_ptr + offs, mask=mask, other=0.0)
-    out = normed.to(tl.float32) * w.to(tl.float32)
+    out = rms_scale(xf, rms_inv(xf, hidden_size, eps), w, x_ptr.dtype.element_ty)
     tl.store(out_ptr + row * stride_out + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -98,6 +116,6 @@ def rms_norm(
             residual_out.stride(0),
             HAS_RESIDUAL=residual is not x,
             BLOCK=block,
-            num_warps=min(max(block // 512, 1), 16),
+            num_warps=row_num_warps(block),
         )
     return out if residual is x else (out, residual_out)

@@ -14,6 +14,26 @@ from kestrel.kernels.utils import check_dtype, check_last_dim_contiguous, next_p
 
 
 @triton.jit
+def load_cos_sin(cos_sin_ptr, stride_cache_pos, pos, half, BLOCK_HALF: tl.constexpr):
+    """cos and sin rows [BLOCK_HALF] of position `pos` in float32. Jit helper, shared with
+    rope_store."""
+    offs_d = tl.arange(0, BLOCK_HALF)
+    cs_ptr = cos_sin_ptr + pos.to(tl.int64) * stride_cache_pos + offs_d
+    cos = tl.load(cs_ptr, mask=offs_d < half).to(tl.float32)
+    sin = tl.load(cs_ptr + half, mask=offs_d < half).to(tl.float32)
+    return cos, sin
+
+
+@triton.jit
+def rope_pair(x1, x2, cos, sin):
+    """Rotate-half of float32 halves: [x1 | x2] -> [x1 cos - x2 sin | x2 cos + x1 sin]. Jit helper,
+    shared with rope_store, whose results must match these bit for bit."""
+    # NOTE: explicit FMAs. Left to the backend, which product of `a * b + c * d` gets fused
+    # depends on the surrounding kernel (it differed between rotary and rope_store on sm_90).
+    return tl.fma(x1, cos, -(x2 * sin)), tl.fma(x2, cos, x1 * sin)
+
+
+@triton.jit
 def _rotate_heads(
     x_ptr,
     stride_tok,
@@ -32,8 +52,7 @@ def _rotate_heads(
     ptr1 = x_ptr + tok * stride_tok + offs_h[:, None] * stride_head + offs_d[None, :]
     x1 = tl.load(ptr1, mask=mask).to(tl.float32)  # [BLOCK_H, BLOCK_HALF]
     x2 = tl.load(ptr1 + half, mask=mask).to(tl.float32)
-    out1 = x1 * cos[None, :] - x2 * sin[None, :]
-    out2 = x2 * cos[None, :] + x1 * sin[None, :]
+    out1, out2 = rope_pair(x1, x2, cos[None, :], sin[None, :])
     tl.store(ptr1, out1.to(x_ptr.dtype.element_ty), mask=mask)
     tl.store(ptr1 + half, out2.to(x_ptr.dtype.element_ty), mask=mask)
 
@@ -61,11 +80,8 @@ def _rotary_kernel(
     BLOCK_HALF: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
-    pos = tl.load(positions_ptr + tok).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_HALF)
-    cs_ptr = cos_sin_ptr + pos * stride_cache_pos + offs_d
-    cos = tl.load(cs_ptr, mask=offs_d < half).to(tl.float32)  # [BLOCK_HALF]
-    sin = tl.load(cs_ptr + half, mask=offs_d < half).to(tl.float32)
+    pos = tl.load(positions_ptr + tok)
+    cos, sin = load_cos_sin(cos_sin_ptr, stride_cache_pos, pos, half, BLOCK_HALF)  # [BLOCK_HALF]
     _rotate_heads(
         q_ptr, stride_q_tok, stride_q_head, tok, cos, sin, num_q_heads, half, BLOCK_HQ, BLOCK_HALF
     )

@@ -1,6 +1,7 @@
 """The attention nn.Module: hands q/k/v of one layer to the step's attention backend.
 
-Owns the reshape to heads and the lookup of this layer's KV cache in the forward context.
+Owns the reshape to heads, the lookup of this layer's KV cache in the forward context, and the
+fused q/k norm + RoPE + K/V store path for backends that attend over an already-written cache.
 Must not implement attention math (backends do) or know how metadata is built (the runner does).
 """
 
@@ -30,4 +31,31 @@ class Attention(nn.Module):
         ctx = get_forward_context()
         kv_cache = ctx.kv_caches[self.layer_idx]  # [2, num_blocks, block_size, kv_heads, head_dim]
         out = ctx.backend.forward(q, k, v, kv_cache, ctx.attn_metadata, self.scale)
+        return out.reshape(out.shape[0], self.num_heads * self.head_dim)
+
+    def fuses_rope_store(self, qkv: torch.Tensor) -> bool:
+        """Whether this step's backend lets q/k norm, RoPE and the K/V store run as one kernel
+        (`forward_qkv`)."""
+        return qkv.is_cuda and get_forward_context().backend.attends_stored_kv
+
+    def forward_qkv(
+        self,
+        qkv: torch.Tensor,  # [T, (heads + 2 * kv_heads) * head_dim]
+        positions: torch.Tensor,  # [T]
+        cos_sin_cache: torch.Tensor,  # [max_position, head_dim] float32
+        q_norm_weight: torch.Tensor | None,
+        k_norm_weight: torch.Tensor | None,
+        eps: float,
+    ) -> torch.Tensor:
+        """Optional per-head q/k RMSNorm, RoPE and the K/V store in one kernel, then attention
+        over the cache -> [T, heads * head_dim]."""
+        from kestrel.kernels.rope_store import rope_store_kv
+
+        ctx = get_forward_context()
+        kv_cache = ctx.kv_caches[self.layer_idx]
+        q = rope_store_kv(
+            qkv, positions, cos_sin_cache, kv_cache, ctx.attn_metadata.slot_mapping,
+            self.num_heads, self.num_kv_heads, self.head_dim, q_norm_weight, k_norm_weight, eps,
+        )  # [T, heads, head_dim]
+        out = ctx.backend.attend(q, kv_cache, ctx.attn_metadata, self.scale)
         return out.reshape(out.shape[0], self.num_heads * self.head_dim)

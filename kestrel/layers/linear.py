@@ -34,11 +34,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """x W^T (+ b). On CUDA, one-row inputs in 16-bit (batch-1 decode) take the Triton GEMV,
     which streams the weight 5-13% faster than cuBLAS at 0.6B-8B shapes on one H100; from two
     rows on cuBLAS is as fast or faster (benchmarks/kernels/bench_decode_small.py)."""
-    if x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and x.dtype in _GEMV_DTYPES:
+    if takes_gemv(x):
         from kestrel.kernels.gemv import gemv
 
         return gemv(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+def takes_gemv(x: torch.Tensor) -> bool:
+    """True for the inputs `linear` sends to the Triton GEMV: one 16-bit row on CUDA."""
+    return x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and x.dtype in _GEMV_DTYPES
 
 
 _GEMV_DTYPES = (torch.bfloat16, torch.float16)

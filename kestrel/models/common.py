@@ -19,6 +19,7 @@ from torch import nn
 from kestrel.layers.activation import ACTIVATIONS
 from kestrel.layers.attention import Attention
 from kestrel.layers.embedding import LMHead, VocabEmbedding
+from kestrel.layers.fused import act_linear, rms_norm_linear
 from kestrel.layers.linear import MergedLinear, QKVLinear, ReplicatedLinear
 from kestrel.layers.norm import RMSNorm
 from kestrel.layers.rotary import RotaryEmbedding, rope_parameters
@@ -62,8 +63,22 @@ class RopeAttention(nn.Module):
         )
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        num_tokens = hidden.shape[0]
-        qkv = self.qkv_proj(hidden)  # [T, q_size + 2 * kv_size]
+        return self.attend(positions, self.qkv_proj(hidden))
+
+    def attend(self, positions: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
+        """qkv [T, q_size + 2 * kv_size] (the projection's output) -> [T, hidden_size]."""
+        if self.attn.fuses_rope_store(qkv):
+            # One kernel for q/k norm, RoPE and the K/V store instead of up to four.
+            out = self.attn.forward_qkv(
+                qkv,
+                positions,
+                self.rotary.cos_sin_cache,
+                self.q_norm.weight if self.q_norm is not None else None,
+                self.k_norm.weight if self.k_norm is not None else None,
+                self.q_norm.eps if self.q_norm is not None else 0.0,
+            )
+            return self.o_proj(out)
+        num_tokens = qkv.shape[0]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, num_heads, head_dim]
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, num_kv_heads, head_dim]
@@ -84,7 +99,11 @@ class GatedMLP(nn.Module):
         self.act_fn = ACTIVATIONS.get(hidden_act)()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))  # [T, hidden_size]
+        return self.down(self.gate_up_proj(x))  # [T, hidden_size]
+
+    def down(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """The merged [gate | up] projection's output -> [T, hidden_size]."""
+        return act_linear(self.act_fn, self.down_proj, gate_up)
 
 
 class DecoderLayer(nn.Module):
@@ -98,15 +117,15 @@ class DecoderLayer(nn.Module):
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (this layer's output delta, running residual); their sum is the layer output."""
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        """Returns (this layer's output delta, running residual); their sum is the layer output.
+        Each norm runs with the projection after it so one-row steps can fuse the two."""
+        attn = self.self_attn
+        qkv, residual = rms_norm_linear(self.input_layernorm, attn.qkv_proj, hidden, residual)
+        hidden = attn.attend(positions, qkv)
+        gate_up, residual = rms_norm_linear(
+            self.post_attention_layernorm, self.mlp.gate_up_proj, hidden, residual
+        )
+        return self.mlp.down(gate_up), residual
 
 
 class DecoderModel(nn.Module):
