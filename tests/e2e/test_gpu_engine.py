@@ -50,3 +50,22 @@ def test_triton_backend_close_to_reference(path):
     ref, _ = _run(path, attention_backend="reference", enforce_eager=True)
     tri, _ = _run(path, attention_backend="triton", max_num_batched_tokens=256)
     check_logprobs_close(ref, tri, "reference", "triton")
+
+
+def test_batch1_fused_decode(path, monkeypatch):
+    """One request at a time: the fused GEMVs and the fused norm + RoPE + K/V store kernel
+    against the unfused modules, and graphs on/off identical on that path too."""
+    import kestrel.layers.fused as fused
+
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True, logprobs=5)
+
+    def one_by_one(llm):
+        return [llm.generate([p], params, use_tqdm=False)[0].outputs[0] for p in PROMPTS[1:4]]
+
+    graphs = one_by_one(LLM(path, dtype="bfloat16", device="cuda"))
+    eager = one_by_one(LLM(path, dtype="bfloat16", device="cuda", enforce_eager=True))
+    assert [c.token_ids for c in graphs] == [c.token_ids for c in eager]
+    monkeypatch.setattr(fused, "takes_gemv", lambda x: False)
+    unfused = one_by_one(LLM(path, dtype="bfloat16", device="cuda",
+                             attention_backend="reference", enforce_eager=True))
+    check_logprobs_close(unfused, graphs, "unfused", "fused")

@@ -14,6 +14,10 @@ import kestrel.layers.fused as fused
 from kestrel import LLM, SamplingParams
 from kestrel.layers.attention import Attention
 
+pytestmark = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="interpreter variant; tests/e2e/test_gpu_engine.py on GPUs"
+)
+
 
 def _generate(path: str, backend: str) -> list:
     llm = LLM(path, dtype="float32", device="cpu", attention_backend=backend,
