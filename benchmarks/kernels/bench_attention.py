@@ -104,7 +104,7 @@ def run_decode(inputs, ref, config=None, num_splits=None, peers=True):
     nbytes = 2 * batch * ctx * hkv * d * DTYPE.itemsize  # K and V, each read once
 
     def ours(q, k, v, cache, bt, seq_lens):
-        return decode_attention(q, cache, bt, seq_lens, ctx, d**-0.5, num_splits, config=config)
+        return decode_attention(q, cache, bt, seq_lens, d**-0.5, num_splits, config=config)
 
     err = _rel_err(ours(*inputs[0]), ref) if ref is not None else float("nan")
     ms = {"kestrel": bench_rotating(ours, inputs)}
@@ -209,7 +209,7 @@ def scaling() -> None:
             inputs, ref = make_decode_inputs(batch, ctx, sets=1, with_ref=False)
             ms, rate, _ = run_decode(inputs, ref)
             del inputs, ref
-            splits = choose_num_splits(batch, 8, ctx, torch.device("cuda"))
+            splits = choose_num_splits(batch, 8, torch.device("cuda"))
             rows.append(
                 (
                     batch,

@@ -39,6 +39,9 @@ class AttentionMetadata:
     # Host copies for backends that loop in Python (the reference backend).
     query_start_loc_cpu: list[int]
     seq_lens_cpu: list[int]
+    # Decode-only steps split the KV as a batch of this many requests would (0: num_reqs);
+    # the runner sets the CUDA-graph bucket, so graphs on and off split, and round, alike.
+    split_batch_size: int = 0
 
     @property
     def num_reqs(self) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from kestrel.attention.backend import AttentionBackend, AttentionMetadata
-from kestrel.kernels.attention import decode_attention, prefill_attention
+from kestrel.kernels.attention import choose_num_splits, decode_attention, prefill_attention
 from kestrel.kernels.kv_store import store_kv
 
 # Decode batches from this many requests on launch their programs longest context first.
@@ -55,6 +55,17 @@ class TritonAttentionBackend(AttentionBackend):
             )
         return self._plan_num_decodes, self._plan_order
 
+    def _num_splits(
+        self, meta: AttentionMetadata, num_decodes: int, num_kv_heads: int, device: torch.device
+    ) -> int:
+        if num_decodes < meta.num_reqs:
+            # NOTE: next to a prefill, the decode rows are a small share of the step; one
+            # split keeps a single compiled variant for all mixed steps.
+            return 1
+        if self.decode_num_splits is not None:
+            return self.decode_num_splits
+        return choose_num_splits(meta.split_batch_size or num_decodes, num_kv_heads, device)
+
     def forward(
         self,
         q: torch.Tensor,  # [num_tokens, num_q_heads, head_dim]
@@ -84,11 +95,8 @@ class TritonAttentionBackend(AttentionBackend):
                 kv_cache,
                 meta.block_table[:num_decodes],
                 meta.seq_lens[:num_decodes],
-                meta.max_seq_len,
                 scale,
-                # NOTE: next to a prefill, the decode rows are a small share of the step;
-                # one split keeps a single compiled variant for all mixed steps.
-                num_splits=self.decode_num_splits if num_decodes == num_reqs else 1,
+                num_splits=self._num_splits(meta, num_decodes, kv_cache.shape[3], q.device),
                 out=out[rows],
                 order=order,
             )

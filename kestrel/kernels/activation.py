@@ -10,7 +10,13 @@ import torch
 import triton
 import triton.language as tl
 
-from kestrel.kernels.utils import cdiv, check_dtype, check_last_dim_contiguous
+from kestrel.kernels.utils import (
+    cdiv,
+    check_dtype,
+    check_last_dim_contiguous,
+    pdl_options,
+    pdl_wait,
+)
 
 
 @triton.jit
@@ -25,7 +31,9 @@ def _silu_and_mul_kernel(
     stride_out,
     # meta
     BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_wait(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < intermediate_size
@@ -54,6 +62,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         block = 1024
         grid = (num_tokens, cdiv(intermediate_size, block))
         _silu_and_mul_kernel[grid](
-            x, out, intermediate_size, x.stride(0), out.stride(0), BLOCK=block, num_warps=4
+            x, out, intermediate_size, x.stride(0), out.stride(0), BLOCK=block, num_warps=4,
+            USE_PDL=bool(pdl := pdl_options(x.device)), **pdl,
         )
     return out

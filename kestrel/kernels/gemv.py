@@ -15,7 +15,13 @@ import torch
 import triton
 import triton.language as tl
 
-from kestrel.kernels.utils import cdiv, check_dtype, check_last_dim_contiguous
+from kestrel.kernels.utils import (
+    cdiv,
+    check_dtype,
+    check_last_dim_contiguous,
+    pdl_options,
+    pdl_wait,
+)
 
 # Rows of x handled per launch; larger batches go to cuBLAS (they are no longer GEMV-shaped).
 MAX_ROWS = 4
@@ -62,7 +68,9 @@ def _gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_wait(USE_PDL)
     # Each weight tile is read once and applied to all M (<= 4) rows of x.
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -117,7 +125,9 @@ def _gemv_prologue_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_wait(USE_PDL)
     # One row of x; every program rebuilds the (L2-resident) input vector itself, so the op
     # before the GEMV costs no launch and no extra HBM round trip.
     pid = tl.program_id(0)
@@ -216,7 +226,7 @@ def gemv(
         _gemv_kernel[(cdiv(n, block_n),)](
             x, weight, y, n, k, x.stride(0), weight.stride(0), y.stride(0),
             M=m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
-            num_warps=warps, num_stages=4,
+            num_warps=warps, num_stages=4, USE_PDL=bool(pdl := pdl_options(x.device)), **pdl,
         )
     if bias is not None:
         y += bias
@@ -233,7 +243,7 @@ def _gemv_prologue(x, residual, h, norm_weight, weight, bias, eps, rmsnorm, tile
         x, residual, h, norm_weight, weight, bias, y, n, k, eps, weight.stride(0),
         RMSNORM=rmsnorm, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
         BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
-        num_warps=warps, num_stages=4,
+        num_warps=warps, num_stages=4, USE_PDL=bool(pdl := pdl_options(x.device)), **pdl,
     )
     return y
 

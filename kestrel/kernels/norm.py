@@ -10,7 +10,13 @@ import torch
 import triton
 import triton.language as tl
 
-from kestrel.kernels.utils import check_dtype, check_last_dim_contiguous, next_power_of_2
+from kestrel.kernels.utils import (
+    check_dtype,
+    check_last_dim_contiguous,
+    next_power_of_2,
+    pdl_options,
+    pdl_wait,
+)
 
 
 @triton.jit
@@ -52,7 +58,9 @@ def _rms_norm_kernel(
     # meta
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_wait(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < hidden_size
@@ -117,5 +125,7 @@ def rms_norm(
             HAS_RESIDUAL=residual is not x,
             BLOCK=block,
             num_warps=row_num_warps(block),
+            USE_PDL=bool(pdl := pdl_options(x.device)),
+            **pdl,
         )
     return out if residual is x else (out, residual_out)

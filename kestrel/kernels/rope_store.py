@@ -18,7 +18,13 @@ import triton.language as tl
 from kestrel.kernels.kv_store import slot_address
 from kestrel.kernels.norm import rms_inv, rms_scale, row_num_warps
 from kestrel.kernels.rotary import load_cos_sin, rope_pair
-from kestrel.kernels.utils import check_dtype, check_last_dim_contiguous, next_power_of_2
+from kestrel.kernels.utils import (
+    check_dtype,
+    check_last_dim_contiguous,
+    next_power_of_2,
+    pdl_options,
+    pdl_wait,
+)
 
 
 @triton.jit
@@ -64,7 +70,9 @@ def _rope_store_kernel(
     PARTIAL: tl.constexpr,  # rotary_dim < head_dim: the tail is normed/copied, not rotated
     BLOCK_D: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_wait(USE_PDL)
     # One program per (token, head): heads [0, Hq) are q heads, [Hq, Hq + Hkv) kv heads. A head
     # is one row of the norm kernel, so its sum of squares reduces in the same layout.
     tok = tl.program_id(0).to(tl.int64)
@@ -219,5 +227,7 @@ def rope_store_kv(
         BLOCK_HALF=next_power_of_2(rotary_dim // 2),
         # The norm kernel's warps for a row of head_dim: the same reduction layout and order.
         num_warps=row_num_warps(block_d),
+        USE_PDL=bool(pdl := pdl_options(qkv.device)),
+        **pdl,
     )
     return q

@@ -18,7 +18,7 @@ from kestrel.config import CacheConfig, ModelConfig, SchedulerConfig
 from kestrel.kv import memory
 from kestrel.models.loader import kv_cache_shape_info, load_hf_config, load_model
 from kestrel.outputs import ModelOutput, TokenLogprobs
-from kestrel.runner.cuda_graphs import CUDAGraphRunner
+from kestrel.runner.cuda_graphs import CUDAGraphRunner, batch_buckets
 from kestrel.runner.forward_context import ForwardContext, set_forward_context
 from kestrel.runner.input_batch import CachedRequestState, InputBatch, StepInputs
 from kestrel.runner.sampler import (
@@ -62,6 +62,7 @@ class ModelRunner:
         self._noise_rng = np.random.default_rng(model.global_seed)
         self.kv_caches: list[torch.Tensor] = []
         self.graphs: CUDAGraphRunner | None = None
+        self._buckets = batch_buckets(scheduler.max_num_seqs)  # graph batch sizes
         self._last_handle: StepHandle | None = None
         self.timings = {"load_weights_s": time.perf_counter() - t0}
 
@@ -206,6 +207,8 @@ class ModelRunner:
         if inputs.placeholder_rows:
             self._fill_placeholders(inputs)
         meta = inputs.attn_metadata
+        if meta.num_tokens == meta.num_reqs:  # decode only: split KV as its graph bucket does
+            meta.split_batch_size = next((b for b in self._buckets if b >= meta.num_reqs), 0)
         if self.graphs is not None and self.graphs.can_run(meta):
             hidden = self.graphs.run(inputs.input_ids, inputs.positions, meta)
         else:

@@ -17,7 +17,6 @@ def _run(batch, num_splits, scale):
         batch.kv_cache,
         batch.block_table,
         batch.seq_lens,
-        max(batch.seq_lens_list),
         scale,
         num_splits=num_splits,
         out=out,
@@ -68,11 +67,11 @@ def test_decode_padded_request_gives_zeros(device):
 
 def test_choose_num_splits_fills_the_gpu():
     cpu = torch.device("cpu")  # nominal 132 SMs
-    assert choose_num_splits(512, 8, 32768, cpu) == 1
-    assert choose_num_splits(64, 8, 4096, cpu) == 1
-    assert choose_num_splits(1, 8, 32768, cpu) == 33
-    assert choose_num_splits(1, 8, 300, cpu) == 2  # at least 256 keys per split
-    assert choose_num_splits(4, 8, 4096, cpu) == 9
+    assert choose_num_splits(512, 8, cpu) == 1
+    assert choose_num_splits(64, 8, cpu) == 1
+    assert choose_num_splits(1, 8, cpu) == 33
+    assert choose_num_splits(4, 8, cpu) == 9
+    assert choose_num_splits(1, 1, cpu) == 64  # at most 64
 
 
 @pytest.mark.gpu
@@ -100,5 +99,5 @@ def test_decode_launch_order_does_not_change_results(device):
         plain = _run(batch, num_splits, 0.25)
         out = torch.full_like(batch.q, torch.nan)
         decode_attention(batch.q, batch.kv_cache, batch.block_table, batch.seq_lens,
-                         64, 0.25, num_splits=num_splits, out=out, order=order)
+                         0.25, num_splits=num_splits, out=out, order=order)
         assert torch.equal(out, plain)

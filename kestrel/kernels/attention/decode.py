@@ -30,6 +30,8 @@ from kestrel.kernels.utils import (
     is_interpreter,
     next_power_of_2,
     num_sms,
+    pdl_options,
+    pdl_wait,
 )
 
 _LOG2E = 1.4426950408889634
@@ -77,7 +79,9 @@ def _decode_kernel(
     BLOCK_N: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     HAS_ORDER: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_wait(USE_PDL)
     # NOTE: kv heads are the fastest grid dim, so programs start request by request; with an
     # order by decreasing context, the last programs to start are the shortest (a short tail).
     kv_head = tl.program_id(0)
@@ -154,19 +158,16 @@ def default_decode_config(device: torch.device, head_dim: int) -> DecodeConfig:
     return DecodeConfig(block_n=64, num_warps=4, num_stages=3)
 
 
-def choose_num_splits(
-    num_reqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device, block_n: int = 64
-) -> int:
-    """Splits per request so the grid fills the GPU without making splits tiny.
+def choose_num_splits(num_reqs: int, num_kv_heads: int, device: torch.device) -> int:
+    """Splits per request so the grid fills the GPU: about two programs per SM (H100, batch
+    64 x 8 kv heads x 4K context: one split ran at 2.92 TB/s, two at 2.86), at most 64.
 
-    Aims at about two programs per SM (H100, batch 64 x 8 kv heads x 4K context: one split
-    ran at 2.92 TB/s, two at 2.86), keeps at least 256 keys per split, at most 64 splits.
+    It depends on the batch shape only, not on context lengths: each request divides its own
+    context (a short one leaves trailing splits empty, and they exit at once), so a step and
+    its CUDA-graph replay split alike.
     """
     programs = max(num_reqs * num_kv_heads, 1)
-    target = 2 * num_sms(device)
-    splits = cdiv(target, programs)
-    splits = min(splits, cdiv(max_seq_len, max(256, block_n)), 64)
-    return max(splits, 1)
+    return max(min(cdiv(2 * num_sms(device), programs), 64), 1)
 
 
 def decode_attention(
@@ -174,7 +175,6 @@ def decode_attention(
     kv_cache: torch.Tensor,
     block_table: torch.Tensor,
     seq_lens: torch.Tensor,
-    max_seq_len: int,
     scale: float,
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
@@ -189,7 +189,6 @@ def decode_attention(
             already holding this step's keys/values.
         block_table: [num_reqs, max_blocks_per_req] int32.
         seq_lens: [num_reqs] int32, context length incl. the query token (0 gives out = 0).
-        max_seq_len: host upper bound of seq_lens, used only to pick num_splits.
         scale: softmax scale.
         num_splits: KV splits per request (fixed for CUDA graphs); default from batch shape.
         out: optional [num_reqs, num_q_heads, head_dim] output buffer.
@@ -219,7 +218,7 @@ def decode_attention(
 
     cfg = config or default_decode_config(q.device, head_dim)
     if num_splits is None:
-        num_splits = choose_num_splits(num_reqs, num_kv_heads, max_seq_len, q.device, cfg.block_n)
+        num_splits = choose_num_splits(num_reqs, num_kv_heads, q.device)
     group = num_q_heads // num_kv_heads
     lse = torch.empty(num_reqs, num_q_heads, num_splits, dtype=torch.float32, device=q.device)
     if num_splits == 1:
@@ -261,6 +260,8 @@ def decode_attention(
         BLOCK_N=cfg.block_n,
         PAGE_SIZE=page_size,
         HAS_ORDER=order is not None,
+        USE_PDL=bool(pdl := pdl_options(q.device)),
+        **pdl,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )

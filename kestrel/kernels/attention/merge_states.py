@@ -14,7 +14,12 @@ import torch
 import triton
 import triton.language as tl
 
-from kestrel.kernels.utils import check_last_dim_contiguous, next_power_of_2
+from kestrel.kernels.utils import (
+    check_last_dim_contiguous,
+    next_power_of_2,
+    pdl_options,
+    pdl_wait,
+)
 
 
 @triton.jit
@@ -42,7 +47,9 @@ def _merge_states_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr,
     STORE_LSE: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_wait(USE_PDL)
     tok = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     offs_p = tl.arange(0, BLOCK_P)
@@ -142,5 +149,7 @@ def merge_states(
         BLOCK_D=next_power_of_2(head_dim),
         STORE_LSE=out_lse is not None,
         num_warps=4 if head_dim * num_parts <= 8192 else 8,
+        USE_PDL=bool(pdl := pdl_options(parts_out.device)),
+        **pdl,
     )
     return out, out_lse
