@@ -51,6 +51,47 @@ def _dot_rows(acc, w, x_row_ptr, k, mask_k, EVEN_K: tl.constexpr):
 
 
 @triton.jit
+def _dot_all_rows(acc0, acc1, acc2, acc3, w, x_ptr, stride_xm, k, mask_k, M: tl.constexpr,
+                  EVEN_K: tl.constexpr):
+    acc0 = _dot_rows(acc0, w, x_ptr, k, mask_k, EVEN_K)
+    if M > 1:
+        acc1 = _dot_rows(acc1, w, x_ptr + stride_xm, k, mask_k, EVEN_K)
+    if M > 2:
+        acc2 = _dot_rows(acc2, w, x_ptr + 2 * stride_xm, k, mask_k, EVEN_K)
+    if M > 3:
+        acc3 = _dot_rows(acc3, w, x_ptr + 3 * stride_xm, k, mask_k, EVEN_K)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def _prologue_x(x_ptr, res_ptr, h_ptr, g_ptr, k, mask_k, K, ss, pid, RMSNORM: tl.constexpr,
+                HAS_RESIDUAL: tl.constexpr, EVEN_K: tl.constexpr):
+    """A K-slice of the GEMV's input built from its producer's output, in float32; ss
+    accumulates the sum of squares RMSNorm needs."""
+    x_ty = x_ptr.dtype.element_ty
+    if RMSNORM:
+        h = _load_k(x_ptr, k, mask_k, EVEN_K)
+        if HAS_RESIDUAL:
+            # Rounded to the activation dtype as norm.py does; program 0 stores it.
+            res = _load_k(res_ptr, k, mask_k, EVEN_K).to(tl.float32)
+            h = (h.to(tl.float32) + res).to(x_ty)
+            tl.store(h_ptr + k, h, mask=mask_k & (pid == 0))
+        hf = h.to(tl.float32)
+        ss += hf * hf
+        # RMSNorm is a per-row scale, applied after the reduction. Unlike norm.py, the
+        # normalized vector is not rounded to x's dtype before the weight multiply.
+        xk = hf * _load_k(g_ptr, k, mask_k, EVEN_K).to(tl.float32)
+    else:
+        # activation.py's rounding: silu in float32 rounded, product rounded, so the
+        # fused input is bit-identical to silu_and_mul's output.
+        gate = _load_k(x_ptr, k, mask_k, EVEN_K).to(tl.float32)
+        up = _load_k(x_ptr + K, k, mask_k, EVEN_K).to(tl.float32)
+        act = (gate / (1.0 + tl.exp(-gate))).to(x_ty)
+        xk = (act.to(tl.float32) * up).to(x_ty).to(tl.float32)
+    return xk, ss
+
+
+@triton.jit
 def _gemv_kernel(
     # pointers
     x_ptr,
@@ -70,7 +111,6 @@ def _gemv_kernel(
     EVEN_K: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    pdl_wait(USE_PDL)
     # Each weight tile is read once and applied to all M (<= 4) rows of x.
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -81,17 +121,20 @@ def _gemv_kernel(
     acc1 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc3 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    # The first weight tile is requested before waiting on the previous kernel (weights are
+    # never written): under PDL its latency hides behind that kernel's tail.
+    w = _load_w(w_rows, offs_k, mask_n, offs_k < K, EVEN_K)
+    pdl_wait(USE_PDL)
+    acc0, acc1, acc2, acc3 = _dot_all_rows(
+        acc0, acc1, acc2, acc3, w, x_ptr, stride_xm, offs_k, offs_k < K, M, EVEN_K
+    )
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         k = k0 + offs_k
         mask_k = k < K
         w = _load_w(w_rows, k, mask_n, mask_k, EVEN_K)
-        acc0 = _dot_rows(acc0, w, x_ptr, k, mask_k, EVEN_K)
-        if M > 1:
-            acc1 = _dot_rows(acc1, w, x_ptr + stride_xm, k, mask_k, EVEN_K)
-        if M > 2:
-            acc2 = _dot_rows(acc2, w, x_ptr + 2 * stride_xm, k, mask_k, EVEN_K)
-        if M > 3:
-            acc3 = _dot_rows(acc3, w, x_ptr + 3 * stride_xm, k, mask_k, EVEN_K)
+        acc0, acc1, acc2, acc3 = _dot_all_rows(
+            acc0, acc1, acc2, acc3, w, x_ptr, stride_xm, k, mask_k, M, EVEN_K
+        )
     out_ty = y_ptr.dtype.element_ty
     tl.store(y_ptr + offs_n, tl.sum(acc0, axis=1).to(out_ty), mask=mask_n)
     if M > 1:
@@ -127,7 +170,6 @@ def _gemv_prologue_kernel(
     EVEN_K: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    pdl_wait(USE_PDL)
     # One row of x; every program rebuilds the (L2-resident) input vector itself, so the op
     # before the GEMV costs no launch and no extra HBM round trip.
     pid = tl.program_id(0)
@@ -135,32 +177,19 @@ def _gemv_prologue_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     mask_n = offs_n < N
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]
-    x_ty = x_ptr.dtype.element_ty
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     ss = tl.zeros([BLOCK_K], dtype=tl.float32)  # RMSNORM: per-lane sums of h^2
-    for k0 in range(0, K, BLOCK_K):
+    # First weight tile before the wait, as in _gemv_kernel.
+    w = _load_w(w_rows, offs_k, mask_n, offs_k < K, EVEN_K)
+    pdl_wait(USE_PDL)
+    xk, ss = _prologue_x(x_ptr, res_ptr, h_ptr, g_ptr, offs_k, offs_k < K, K, ss, pid,
+                         RMSNORM, HAS_RESIDUAL, EVEN_K)
+    acc = w * xk[None, :]
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         k = k0 + offs_k
         mask_k = k < K
         w = _load_w(w_rows, k, mask_n, mask_k, EVEN_K)
-        if RMSNORM:
-            h = _load_k(x_ptr, k, mask_k, EVEN_K)
-            if HAS_RESIDUAL:
-                # Rounded to the activation dtype as norm.py does; program 0 stores it.
-                res = _load_k(res_ptr, k, mask_k, EVEN_K).to(tl.float32)
-                h = (h.to(tl.float32) + res).to(x_ty)
-                tl.store(h_ptr + k, h, mask=mask_k & (pid == 0))
-            hf = h.to(tl.float32)
-            ss += hf * hf
-            # RMSNorm is a per-row scale, applied after the reduction. Unlike norm.py, the
-            # normalized vector is not rounded to x's dtype before the weight multiply.
-            xk = hf * _load_k(g_ptr, k, mask_k, EVEN_K).to(tl.float32)
-        else:
-            # activation.py's rounding: silu in float32 rounded, product rounded, so the
-            # fused input is bit-identical to silu_and_mul's output.
-            gate = _load_k(x_ptr, k, mask_k, EVEN_K).to(tl.float32)
-            up = _load_k(x_ptr + K, k, mask_k, EVEN_K).to(tl.float32)
-            act = (gate / (1.0 + tl.exp(-gate))).to(x_ty)
-            xk = (act.to(tl.float32) * up).to(x_ty).to(tl.float32)
+        xk, ss = _prologue_x(x_ptr, res_ptr, h_ptr, g_ptr, k, mask_k, K, ss, pid,
+                             RMSNORM, HAS_RESIDUAL, EVEN_K)
         acc += w * xk[None, :]
     y = tl.sum(acc, axis=1)
     if RMSNORM:
