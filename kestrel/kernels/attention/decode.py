@@ -152,10 +152,12 @@ def _decode_kernel(
     tl.store(lse_ptrs, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=g_mask)
 
 
-def default_decode_config(device: torch.device, head_dim: int) -> DecodeConfig:
+def default_decode_config(device: torch.device, head_dim: int, num_reqs: int = 1) -> DecodeConfig:
+    """From sweeps on one H100 (head_dim 128): 64-key tiles; from 32 requests on, 128-key
+    tiles read mixed 100-2K contexts 0.3-3% faster (batch 256: 2.91-2.95 TB/s)."""
     if is_interpreter(device):
         return DecodeConfig(block_n=16, num_warps=4, num_stages=1)
-    return DecodeConfig(block_n=64, num_warps=4, num_stages=3)
+    return DecodeConfig(block_n=128 if num_reqs >= 32 else 64, num_warps=4, num_stages=3)
 
 
 def choose_num_splits(num_reqs: int, num_kv_heads: int, device: torch.device) -> int:
@@ -216,7 +218,7 @@ def decode_attention(
     if num_reqs == 0:
         return out
 
-    cfg = config or default_decode_config(q.device, head_dim)
+    cfg = config or default_decode_config(q.device, head_dim, num_reqs)
     if num_splits is None:
         num_splits = choose_num_splits(num_reqs, num_kv_heads, q.device)
     group = num_q_heads // num_kv_heads
