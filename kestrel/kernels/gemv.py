@@ -110,7 +110,6 @@ def _gemv_kernel(
     BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr,
     USE_PDL: tl.constexpr,
-    PREFETCH: tl.constexpr,  # weight tiles requested before the PDL wait (1 or 2)
 ):
     # Each weight tile is read once and applied to all M (<= 4) rows of x.
     pid = tl.program_id(0)
@@ -122,21 +121,14 @@ def _gemv_kernel(
     acc1 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc3 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    # The first weight tiles are requested before waiting on the previous kernel (weights are
-    # never written): under PDL their latency hides behind that kernel's tail.
+    # The first weight tile is requested before waiting on the previous kernel (weights are
+    # never written): under PDL its latency hides behind that kernel's tail.
     w = _load_w(w_rows, offs_k, mask_n, offs_k < K, EVEN_K)
-    if PREFETCH > 1:
-        w_next = _load_w(w_rows, BLOCK_K + offs_k, mask_n, BLOCK_K + offs_k < K, EVEN_K)
     pdl_wait(USE_PDL)
     acc0, acc1, acc2, acc3 = _dot_all_rows(
         acc0, acc1, acc2, acc3, w, x_ptr, stride_xm, offs_k, offs_k < K, M, EVEN_K
     )
-    if PREFETCH > 1:
-        k = BLOCK_K + offs_k
-        acc0, acc1, acc2, acc3 = _dot_all_rows(
-            acc0, acc1, acc2, acc3, w_next, x_ptr, stride_xm, k, k < K, M, EVEN_K
-        )
-    for k0 in range(PREFETCH * BLOCK_K, K, BLOCK_K):
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         k = k0 + offs_k
         mask_k = k < K
         w = _load_w(w_rows, k, mask_n, mask_k, EVEN_K)
@@ -177,7 +169,6 @@ def _gemv_prologue_kernel(
     BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr,
     USE_PDL: tl.constexpr,
-    PREFETCH: tl.constexpr,  # weight tiles requested before the PDL wait (1 or 2)
 ):
     # One row of x; every program rebuilds the (L2-resident) input vector itself, so the op
     # before the GEMV costs no launch and no extra HBM round trip.
@@ -187,20 +178,13 @@ def _gemv_prologue_kernel(
     mask_n = offs_n < N
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]
     ss = tl.zeros([BLOCK_K], dtype=tl.float32)  # RMSNORM: per-lane sums of h^2
-    # First weight tiles before the wait, as in _gemv_kernel.
+    # First weight tile before the wait, as in _gemv_kernel.
     w = _load_w(w_rows, offs_k, mask_n, offs_k < K, EVEN_K)
-    if PREFETCH > 1:
-        w_next = _load_w(w_rows, BLOCK_K + offs_k, mask_n, BLOCK_K + offs_k < K, EVEN_K)
     pdl_wait(USE_PDL)
     xk, ss = _prologue_x(x_ptr, res_ptr, h_ptr, g_ptr, offs_k, offs_k < K, K, ss, pid,
                          RMSNORM, HAS_RESIDUAL, EVEN_K)
     acc = w * xk[None, :]
-    if PREFETCH > 1:
-        k = BLOCK_K + offs_k
-        xk, ss = _prologue_x(x_ptr, res_ptr, h_ptr, g_ptr, k, k < K, K, ss, pid,
-                             RMSNORM, HAS_RESIDUAL, EVEN_K)
-        acc += w_next * xk[None, :]
-    for k0 in range(PREFETCH * BLOCK_K, K, BLOCK_K):
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         k = k0 + offs_k
         mask_k = k < K
         w = _load_w(w_rows, k, mask_n, mask_k, EVEN_K)
@@ -225,14 +209,6 @@ def _tiles(n: int, k: int, m: int = 1) -> tuple[int, int, int]:
     if m > 2:  # four float32 accumulators: halve the tile to keep them in registers
         block_k = max(block_k // 2, 16)
     return block_n, block_k, warps
-
-
-# Weight tiles each program requests before its PDL wait (bounded by the tiles it has).
-PREFETCH_TILES = 2
-
-
-def _prefetch(k: int, block_k: int) -> int:
-    return max(1, min(PREFETCH_TILES, k // block_k))
 
 
 def _check_x_weight(x: torch.Tensor, weight: torch.Tensor, k: int) -> None:
@@ -280,7 +256,6 @@ def gemv(
             x, weight, y, n, k, x.stride(0), weight.stride(0), y.stride(0),
             M=m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
             num_warps=warps, num_stages=4, USE_PDL=bool(pdl := pdl_options(x.device)), **pdl,
-            PREFETCH=_prefetch(k, block_k),
         )
     if bias is not None:
         y += bias
@@ -298,7 +273,6 @@ def _gemv_prologue(x, residual, h, norm_weight, weight, bias, eps, rmsnorm, tile
         RMSNORM=rmsnorm, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
         BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
         num_warps=warps, num_stages=4, USE_PDL=bool(pdl := pdl_options(x.device)), **pdl,
-        PREFETCH=_prefetch(k, block_k),
     )
     return y
 

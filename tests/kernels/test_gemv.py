@@ -155,17 +155,3 @@ def test_gemv_silu_mul_bf16_llama8b_down(device):
     w = (torch.randn(n, i, generator=gen) / i**0.5).to(device=device, dtype=torch.bfloat16)
     gate, up = x.float().chunk(2, dim=-1)
     assert rel_err(gemv_silu_mul(x, w), (F.silu(gate) * up) @ w.float().T) < 1e-2
-
-
-@pytest.mark.parametrize("k, block_k", [(700, 128), (1024, 256)])  # ragged and even K tiles
-def test_gemv_prefetched_tiles(k, block_k, device):
-    """K tiles small enough that two are requested before the (PDL) wait, then the loop."""
-    x, res, g, w, b = _rmsnorm_inputs(9, k, torch.float32, True, True, device)
-    tiles = (2, block_k, 4)
-    assert rel_err(gemv(x, w, b, tiles=tiles), x.double() @ w.double().T + b.double()) < 1e-5
-    y, h = gemv_rmsnorm(x, g, 1e-6, w, residual=res, bias=b, tiles=tiles)
-    assert torch.equal(h, x + res)
-    assert rel_err(y, _rmsnorm_gemv_ref(x + res, g, 1e-6, w, b)) < 1e-5
-    gate_up = torch.cat([x, res], dim=1)  # [1, 2k]
-    fused = gemv_silu_mul(gate_up, w, tiles=tiles)
-    assert torch.equal(fused, gemv(silu_and_mul(gate_up), w, tiles=tiles))
