@@ -41,6 +41,16 @@ class TritonAttentionBackend(AttentionBackend):
         self._plan_meta: AttentionMetadata | None = None
         self._plan_num_decodes = 0
         self._plan_order: torch.Tensor | None = None
+        # Zeroed scratch for the decode kernel's in-kernel split merge. A buffer is never
+        # freed: CUDA graphs captured with it keep its address.
+        self._semaphores = torch.zeros(0, dtype=torch.int32)
+        self._retired: list[torch.Tensor] = []
+
+    def _semaphores_for(self, n: int, device: torch.device) -> torch.Tensor:
+        if self._semaphores.numel() < n or self._semaphores.device != device:
+            self._retired.append(self._semaphores)
+            self._semaphores = torch.zeros(max(n, 1 << 14), dtype=torch.int32, device=device)
+        return self._semaphores
 
     def _plan(self, meta: AttentionMetadata) -> tuple[int, torch.Tensor | None]:
         """(leading decode requests, their launch order or None) of this step."""
@@ -99,6 +109,7 @@ class TritonAttentionBackend(AttentionBackend):
                 num_splits=self._num_splits(meta, num_decodes, kv_cache.shape[3], q.device),
                 out=out[rows],
                 order=order,
+                semaphores=self._semaphores_for(num_decodes * kv_cache.shape[3], q.device),
             )
         if num_decodes < num_reqs:
             prefill_attention(

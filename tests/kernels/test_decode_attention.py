@@ -101,3 +101,22 @@ def test_decode_launch_order_does_not_change_results(device):
         decode_attention(batch.q, batch.kv_cache, batch.block_table, batch.seq_lens,
                          0.25, num_splits=num_splits, out=out, order=order)
         assert torch.equal(out, plain)
+
+
+@pytest.mark.parametrize("num_splits", [2, 5])
+def test_decode_fused_merge(num_splits, device):
+    """With semaphores, the last split of each request merges in the kernel: same result as
+    the separate merge, every output written, and the semaphores left zeroed for reuse."""
+    gen = torch.Generator().manual_seed(num_splits)
+    batch = make_paged_batch([1] * len(SEQ_LENS), SEQ_LENS, 4, 2, 16, 4, torch.float32, device,
+                             gen)
+    batch.seq_lens[2] = 0  # a padding row: out = 0
+    sems = torch.zeros(64, dtype=torch.int32, device=device)
+    separate = _run(batch, num_splits, 0.25)
+    for _ in range(2):  # a second launch reuses the semaphores
+        out = torch.full_like(batch.q, torch.nan)
+        decode_attention(batch.q, batch.kv_cache, batch.block_table, batch.seq_lens, 0.25,
+                         num_splits=num_splits, out=out, semaphores=sems)
+        assert torch.isfinite(out).all() and torch.equal(out[2], torch.zeros_like(out[2]))
+        assert rel_err(out, separate) < 1e-5
+        assert not sems.any()

@@ -55,6 +55,8 @@ def _decode_kernel(
     order_ptr,
     out_ptr,
     lse_ptr,
+    final_ptr,
+    sem_ptr,
     # sizes
     qk_scale,
     # strides
@@ -71,6 +73,8 @@ def _decode_kernel(
     stride_l_tok,
     stride_l_head,
     stride_l_split,
+    stride_f_tok,
+    stride_f_head,
     # meta
     GROUP: tl.constexpr,
     BLOCK_G: tl.constexpr,
@@ -79,6 +83,7 @@ def _decode_kernel(
     BLOCK_N: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     HAS_ORDER: tl.constexpr,
+    FUSED_MERGE: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     pdl_wait(USE_PDL)
@@ -110,12 +115,6 @@ def _decode_kernel(
         + offs_d[None, :]
     )
     out_mask = g_mask[:, None] & d_mask[None, :]
-    if start >= end:
-        # Empty split (or a padded request with seq_len 0): out = 0, lse = -inf.
-        tl.store(out_ptrs, tl.zeros([BLOCK_G, BLOCK_D], out_ptr.dtype.element_ty), mask=out_mask)
-        tl.store(lse_ptrs, tl.full([BLOCK_G], float("-inf"), tl.float32), mask=g_mask)
-        return
-
     q = tl.load(
         q_ptr + req * stride_q_tok + heads[:, None] * stride_q_head + offs_d[None, :],
         mask=g_mask[:, None] & d_mask[None, :],
@@ -146,10 +145,52 @@ def _decode_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
-    out = acc / l_i[:, None]
+    # An empty split (or a padded request with seq_len 0) saw no key: out = 0, lse = -inf.
+    seen = l_i > 0
+    l_safe = tl.where(seen, l_i, 1.0)
+    out = tl.where(seen[:, None], acc / l_safe[:, None], 0.0)
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
     # lse in natural log: m_i and log2(l_i) are in log2 units.
-    tl.store(lse_ptrs, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=g_mask)
+    lse = tl.where(seen, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    tl.store(lse_ptrs, lse, mask=g_mask)
+    if FUSED_MERGE:
+        # The last split of (request, kv head) to finish merges them all: no merge launch.
+        # Every thread's partial stores precede the barrier; the release atomic publishes them.
+        tl.debug_barrier()
+        sem = sem_ptr + req * tl.num_programs(0) + kv_head
+        if tl.atomic_add(sem, 1, sem="acq_rel", scope="gpu") == tl.num_programs(2) - 1:
+            _merge_splits(
+                out_ptr + req * stride_o_tok + heads[:, None] * stride_o_head + offs_d[None, :],
+                lse_ptr + req * stride_l_tok + heads * stride_l_head,
+                final_ptr + req * stride_f_tok + heads[:, None] * stride_f_head + offs_d[None, :],
+                stride_o_split, stride_l_split, g_mask, out_mask, BLOCK_G, BLOCK_D,
+            )
+            tl.atomic_xchg(sem, 0)  # ready for the next launch (e.g. a graph replay)
+
+
+@triton.jit
+def _merge_splits(out_ptrs, lse_ptrs, final_ptrs, stride_o_split, stride_l_split, g_mask,
+                  out_mask, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+    """merge_states for one (request, kv head group), in split order: online LSE weights."""
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    w_sum = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for split in range(0, tl.num_programs(2)):
+        # .cg: other SMs wrote these, so read them from L2, never from a stale L1 line.
+        lse = tl.load(lse_ptrs + split * stride_l_split, mask=g_mask, other=float("-inf"),
+                      cache_modifier=".cg")
+        m_new = tl.maximum(m, lse)
+        shift = tl.where(m_new > float("-inf"), m_new, 0.0)
+        alpha = tl.exp(m - shift)
+        w = tl.exp(lse - shift)  # 0 for an empty split, whose out is never read
+        part = tl.load(out_ptrs + split * stride_o_split,
+                       mask=out_mask & (lse > float("-inf"))[:, None], other=0.0,
+                       cache_modifier=".cg")
+        acc = acc * alpha[:, None] + w[:, None] * part.to(tl.float32)
+        w_sum = w_sum * alpha + w
+        m = m_new
+    out = acc / tl.maximum(w_sum, 1e-30)[:, None]
+    tl.store(final_ptrs, out.to(final_ptrs.dtype.element_ty), mask=out_mask)
 
 
 def default_decode_config(device: torch.device, head_dim: int, num_reqs: int = 1) -> DecodeConfig:
@@ -182,6 +223,7 @@ def decode_attention(
     out: torch.Tensor | None = None,
     config: DecodeConfig | None = None,
     order: torch.Tensor | None = None,
+    semaphores: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one new query per request over its paged context (keys 0..seq_len-1).
 
@@ -196,6 +238,9 @@ def decode_attention(
         out: optional [num_reqs, num_q_heads, head_dim] output buffer.
         order: optional [num_reqs] permutation of the requests (e.g. by decreasing seq_len),
             the order their programs are launched in; results do not depend on it.
+        semaphores: optional zeroed int32 scratch of at least num_reqs * num_kv_heads
+            entries, left zeroed: with it the last split of each request merges the splits
+            in the kernel instead of a separate merge launch.
 
     Returns:
         [num_reqs, num_q_heads, head_dim] in q.dtype.
@@ -232,6 +277,9 @@ def decode_attention(
         )
         dst_split_stride = dst.stride(2)
 
+    fused_merge = num_splits > 1 and semaphores is not None
+    if fused_merge:
+        assert semaphores.dtype == torch.int32 and semaphores.numel() >= num_reqs * num_kv_heads
     grid = (num_kv_heads, num_reqs, num_splits)
     _decode_kernel[grid](
         q,
@@ -241,6 +289,8 @@ def decode_attention(
         order if order is not None else seq_lens,
         dst,
         lse,
+        out,
+        semaphores if fused_merge else lse,
         scale * _LOG2E,
         q.stride(0),
         q.stride(1),
@@ -255,6 +305,8 @@ def decode_attention(
         lse.stride(0),
         lse.stride(1),
         lse.stride(2),
+        out.stride(0),
+        out.stride(1),
         GROUP=group,
         BLOCK_G=max(16, next_power_of_2(group)),
         HEAD_DIM=head_dim,
@@ -262,11 +314,12 @@ def decode_attention(
         BLOCK_N=cfg.block_n,
         PAGE_SIZE=page_size,
         HAS_ORDER=order is not None,
+        FUSED_MERGE=fused_merge,
         USE_PDL=bool(pdl := pdl_options(q.device)),
         **pdl,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    if num_splits > 1:
+    if num_splits > 1 and not fused_merge:
         merge_states(dst, lse, out=out)
     return out
