@@ -3,7 +3,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kestrel.kernels.attention.decode import choose_num_splits, decode_attention
+from kestrel.kernels.attention.decode import (
+    FUSED_MERGE_MAX_SPLITS,
+    choose_num_splits,
+    decode_attention,
+)
 from tests.kernels.paged_refs import attention_reference, make_paged_batch, rel_err, tolerance
 
 # Context lengths at and around block/tile boundaries, incl. a single-token context.
@@ -103,7 +107,7 @@ def test_decode_launch_order_does_not_change_results(device):
         assert torch.equal(out, plain)
 
 
-@pytest.mark.parametrize("num_splits", [2, 5])
+@pytest.mark.parametrize("num_splits", [2, FUSED_MERGE_MAX_SPLITS])
 def test_decode_fused_merge(num_splits, device):
     """With semaphores, the last split of each request merges in the kernel: same result as
     the separate merge, every output written, and the semaphores left zeroed for reuse."""
