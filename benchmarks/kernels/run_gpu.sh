@@ -10,3 +10,5 @@ nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm,clocks.mem --form
 python3 -m pytest tests/kernels -q --confcutdir=tests/kernels -p no:cacheprovider 2>&1 | tee "$LOG/tests.txt" | tail -25
 python3 benchmarks/kernels/bench_pointwise.py 2>&1 | tee "$LOG/pointwise.txt"
 python3 benchmarks/kernels/bench_attention.py "$@" 2>&1 | tee "$LOG/attention.txt"
+python3 benchmarks/kernels/bench_decode_small.py 2>&1 | tee "$LOG/decode_small.txt"
+python3 benchmarks/kernels/bench_rope_store.py 2>&1 | tee "$LOG/rope_store.txt"

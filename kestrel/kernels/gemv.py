@@ -51,6 +51,16 @@ def _dot_rows(acc, w, x_row_ptr, k, mask_k, EVEN_K: tl.constexpr):
 
 
 @triton.jit
+def _program_rows(w_ptr, N, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's output rows: (pid, row offsets, K offsets, row mask, [BLOCK_N, 1]
+    pointers to the weight rows)."""
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    return pid, offs_n, tl.arange(0, BLOCK_K), offs_n < N, w_rows
+
+
+@triton.jit
 def _dot_all_rows(acc0, acc1, acc2, acc3, w, x_ptr, stride_xm, k, mask_k, M: tl.constexpr,
                   EVEN_K: tl.constexpr):
     acc0 = _dot_rows(acc0, w, x_ptr, k, mask_k, EVEN_K)
@@ -112,11 +122,7 @@ def _gemv_kernel(
     USE_PDL: tl.constexpr,
 ):
     # Each weight tile is read once and applied to all M (<= 4) rows of x.
-    pid = tl.program_id(0)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_n = offs_n < N
-    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]
+    pid, offs_n, offs_k, mask_n, w_rows = _program_rows(w_ptr, N, stride_wn, BLOCK_N, BLOCK_K)
     acc0 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -172,11 +178,7 @@ def _gemv_prologue_kernel(
 ):
     # One row of x; every program rebuilds the (L2-resident) input vector itself, so the op
     # before the GEMV costs no launch and no extra HBM round trip.
-    pid = tl.program_id(0)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_n = offs_n < N
-    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]
+    pid, offs_n, offs_k, mask_n, w_rows = _program_rows(w_ptr, N, stride_wn, BLOCK_N, BLOCK_K)
     ss = tl.zeros([BLOCK_K], dtype=tl.float32)  # RMSNORM: per-lane sums of h^2
     # First weight tile before the wait, as in _gemv_kernel.
     w = _load_w(w_rows, offs_k, mask_n, offs_k < K, EVEN_K)
