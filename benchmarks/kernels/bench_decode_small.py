@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from bench_utils import bench_rotating, copy_bandwidth_tbps, device_summary, print_table
 
 from kestrel.kernels.activation import silu_and_mul
-from kestrel.kernels.gemv import _tiles, gemv, gemv_rmsnorm, gemv_silu_mul
+from kestrel.kernels.gemv import gemv, gemv_tiles
+from kestrel.kernels.gemv_fused import gemv_rmsnorm, gemv_silu_mul
 from kestrel.kernels.norm import rms_norm
 from kestrel.kernels.sampling import gumbel_sample
 from kestrel.runner.sampler import Sampler, SamplingBatch
@@ -40,7 +41,7 @@ EPS = 1e-5
 
 def best_tiles(fn, sets, ms: float, n: int, k: int, sweep: bool) -> tuple[str, float]:
     """(tiles, ms) of the fastest fn(*args, tiles=t) over SWEEP; the heuristic's without sweep."""
-    best = ("heuristic " + str(_tiles(n, k)), ms)
+    best = ("heuristic " + str(gemv_tiles(n, k)), ms)
     if sweep:
         for t in SWEEP:
             t_ms = bench_rotating(lambda *args, t=t: fn(*args, tiles=t), sets, rep_ms=60)

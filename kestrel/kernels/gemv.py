@@ -1,7 +1,7 @@
 """Skinny GEMM for decode at tiny batch: y[m, n] = sum_k x[m, k] * W[n, k], m <= MAX_ROWS.
 
-Owns the kernel, its tile choice, and the fused one-row prologues of decode: RMSNorm (with
-the residual add) before qkv / gate_up, and SiLU-and-mul before down. Must not own weights.
+Owns the kernel, its tile choice and the jit helpers the fused variants (gemv_fused.py)
+share. Must not own weights.
 At batch 1 a linear layer only streams its weight once, and cuBLAS' GEMV leaves part of the
 HBM bandwidth unused on the shapes of 7-8B models; this kernel keeps more bytes in flight per
 SM (wide K tiles, pipelined loads) and accumulates in float32 registers, reducing over K once
@@ -28,7 +28,7 @@ MAX_ROWS = 4
 
 
 @triton.jit
-def _load_k(ptr, k, mask_k, EVEN_K: tl.constexpr):
+def load_k(ptr, k, mask_k, EVEN_K: tl.constexpr):
     """A K-slice of a vector, unmasked when K is a multiple of the tile."""
     if EVEN_K:
         return tl.load(ptr + k)
@@ -37,7 +37,7 @@ def _load_k(ptr, k, mask_k, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _load_w(w_rows, k, mask_n, mask_k, EVEN_K: tl.constexpr):
+def load_w(w_rows, k, mask_n, mask_k, EVEN_K: tl.constexpr):
     if EVEN_K:
         w = tl.load(w_rows + k[None, :], mask=mask_n[:, None], other=0.0)
     else:
@@ -47,15 +47,20 @@ def _load_w(w_rows, k, mask_n, mask_k, EVEN_K: tl.constexpr):
 
 @triton.jit
 def _dot_rows(acc, w, x_row_ptr, k, mask_k, EVEN_K: tl.constexpr):
-    return acc + w * _load_k(x_row_ptr, k, mask_k, EVEN_K).to(tl.float32)[None, :]
+    return acc + w * load_k(x_row_ptr, k, mask_k, EVEN_K).to(tl.float32)[None, :]
 
 
 @triton.jit
-def _program_rows(w_ptr, N, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def program_rows(w_ptr, N, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  PAIR_HALF: tl.constexpr = 0):
     """This program's output rows: (pid, row offsets, K offsets, row mask, [BLOCK_N, 1]
-    pointers to the weight rows)."""
+    pointers to the weight rows). With PAIR_HALF (BLOCK_N = 2), program p takes rows j and
+    j + PAIR_HALF of head p // PAIR_HALF, j = p % PAIR_HALF: a rotate-half pair."""
     pid = tl.program_id(0)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    if PAIR_HALF > 0:
+        offs_n = (pid // PAIR_HALF) * 2 * PAIR_HALF + pid % PAIR_HALF + tl.arange(0, 2) * PAIR_HALF
+    else:
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
     return pid, offs_n, tl.arange(0, BLOCK_K), offs_n < N, w_rows
 
@@ -71,34 +76,6 @@ def _dot_all_rows(acc0, acc1, acc2, acc3, w, x_ptr, stride_xm, k, mask_k, M: tl.
     if M > 3:
         acc3 = _dot_rows(acc3, w, x_ptr + 3 * stride_xm, k, mask_k, EVEN_K)
     return acc0, acc1, acc2, acc3
-
-
-@triton.jit
-def _prologue_x(x_ptr, res_ptr, h_ptr, g_ptr, k, mask_k, K, ss, pid, RMSNORM: tl.constexpr,
-                HAS_RESIDUAL: tl.constexpr, EVEN_K: tl.constexpr):
-    """A K-slice of the GEMV's input built from its producer's output, in float32; ss
-    accumulates the sum of squares RMSNorm needs."""
-    x_ty = x_ptr.dtype.element_ty
-    if RMSNORM:
-        h = _load_k(x_ptr, k, mask_k, EVEN_K)
-        if HAS_RESIDUAL:
-            # Rounded to the activation dtype as norm.py does; program 0 stores it.
-            res = _load_k(res_ptr, k, mask_k, EVEN_K).to(tl.float32)
-            h = (h.to(tl.float32) + res).to(x_ty)
-            tl.store(h_ptr + k, h, mask=mask_k & (pid == 0))
-        hf = h.to(tl.float32)
-        ss += hf * hf
-        # RMSNorm is a per-row scale, applied after the reduction. Unlike norm.py, the
-        # normalized vector is not rounded to x's dtype before the weight multiply.
-        xk = hf * _load_k(g_ptr, k, mask_k, EVEN_K).to(tl.float32)
-    else:
-        # activation.py's rounding: silu in float32 rounded, product rounded, so the
-        # fused input is bit-identical to silu_and_mul's output.
-        gate = _load_k(x_ptr, k, mask_k, EVEN_K).to(tl.float32)
-        up = _load_k(x_ptr + K, k, mask_k, EVEN_K).to(tl.float32)
-        act = (gate / (1.0 + tl.exp(-gate))).to(x_ty)
-        xk = (act.to(tl.float32) * up).to(x_ty).to(tl.float32)
-    return xk, ss
 
 
 @triton.jit
@@ -122,14 +99,14 @@ def _gemv_kernel(
     USE_PDL: tl.constexpr,
 ):
     # Each weight tile is read once and applied to all M (<= 4) rows of x.
-    pid, offs_n, offs_k, mask_n, w_rows = _program_rows(w_ptr, N, stride_wn, BLOCK_N, BLOCK_K)
+    pid, offs_n, offs_k, mask_n, w_rows = program_rows(w_ptr, N, stride_wn, BLOCK_N, BLOCK_K)
     acc0 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc3 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     # The first weight tile is requested before waiting on the previous kernel (weights are
     # never written): under PDL its latency hides behind that kernel's tail.
-    w = _load_w(w_rows, offs_k, mask_n, offs_k < K, EVEN_K)
+    w = load_w(w_rows, offs_k, mask_n, offs_k < K, EVEN_K)
     pdl_wait(USE_PDL)
     acc0, acc1, acc2, acc3 = _dot_all_rows(
         acc0, acc1, acc2, acc3, w, x_ptr, stride_xm, offs_k, offs_k < K, M, EVEN_K
@@ -137,7 +114,7 @@ def _gemv_kernel(
     for k0 in range(BLOCK_K, K, BLOCK_K):
         k = k0 + offs_k
         mask_k = k < K
-        w = _load_w(w_rows, k, mask_n, mask_k, EVEN_K)
+        w = load_w(w_rows, k, mask_n, mask_k, EVEN_K)
         acc0, acc1, acc2, acc3 = _dot_all_rows(
             acc0, acc1, acc2, acc3, w, x_ptr, stride_xm, k, mask_k, M, EVEN_K
         )
@@ -151,57 +128,7 @@ def _gemv_kernel(
         tl.store(y_ptr + 3 * stride_ym + offs_n, tl.sum(acc3, axis=1).to(out_ty), mask=mask_n)
 
 
-@triton.jit
-def _gemv_prologue_kernel(
-    # pointers
-    x_ptr,  # [K] (RMSNORM) or [2K] = [gate | up] (SiLU-and-mul)
-    res_ptr,  # [K] residual, HAS_RESIDUAL only
-    h_ptr,  # [K] out: x + residual, HAS_RESIDUAL only
-    g_ptr,  # [K] norm weight, RMSNORM only
-    w_ptr,
-    b_ptr,  # [N] bias, HAS_BIAS only
-    y_ptr,
-    # sizes
-    N,
-    K,
-    eps,
-    # strides
-    stride_wn,
-    # meta
-    RMSNORM: tl.constexpr,  # else SiLU-and-mul
-    HAS_RESIDUAL: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr,
-    USE_PDL: tl.constexpr,
-):
-    # One row of x; every program rebuilds the (L2-resident) input vector itself, so the op
-    # before the GEMV costs no launch and no extra HBM round trip.
-    pid, offs_n, offs_k, mask_n, w_rows = _program_rows(w_ptr, N, stride_wn, BLOCK_N, BLOCK_K)
-    ss = tl.zeros([BLOCK_K], dtype=tl.float32)  # RMSNORM: per-lane sums of h^2
-    # First weight tile before the wait, as in _gemv_kernel.
-    w = _load_w(w_rows, offs_k, mask_n, offs_k < K, EVEN_K)
-    pdl_wait(USE_PDL)
-    xk, ss = _prologue_x(x_ptr, res_ptr, h_ptr, g_ptr, offs_k, offs_k < K, K, ss, pid,
-                         RMSNORM, HAS_RESIDUAL, EVEN_K)
-    acc = w * xk[None, :]
-    for k0 in range(BLOCK_K, K, BLOCK_K):
-        k = k0 + offs_k
-        mask_k = k < K
-        w = _load_w(w_rows, k, mask_n, mask_k, EVEN_K)
-        xk, ss = _prologue_x(x_ptr, res_ptr, h_ptr, g_ptr, k, mask_k, K, ss, pid,
-                             RMSNORM, HAS_RESIDUAL, EVEN_K)
-        acc += w * xk[None, :]
-    y = tl.sum(acc, axis=1)
-    if RMSNORM:
-        y = y * tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
-    if HAS_BIAS:  # in float32, before the single rounding (gemv adds it after rounding)
-        y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=mask_n)
-
-
-def _tiles(n: int, k: int, m: int = 1) -> tuple[int, int, int]:
+def gemv_tiles(n: int, k: int, m: int = 1) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps), from a sweep on one H100 at 7-8B and 0.6B shapes:
     the widest K tile with two output rows per program wins except for very tall matrices
     (the LM head), where four rows and eight warps do."""
@@ -213,7 +140,7 @@ def _tiles(n: int, k: int, m: int = 1) -> tuple[int, int, int]:
     return block_n, block_k, warps
 
 
-def _check_x_weight(x: torch.Tensor, weight: torch.Tensor, k: int) -> None:
+def check_x_weight(x: torch.Tensor, weight: torch.Tensor, k: int) -> None:
     assert weight.dim() == 2 and weight.shape[1] == k, (
         f"x {tuple(x.shape)} weight {tuple(weight.shape)}"
     )
@@ -223,7 +150,7 @@ def _check_x_weight(x: torch.Tensor, weight: torch.Tensor, k: int) -> None:
     check_last_dim_contiguous("weight", weight)
 
 
-def _check_vector(name: str, t: torch.Tensor, size: int) -> None:
+def check_vector(name: str, t: torch.Tensor, size: int) -> None:
     assert t.shape == (size,) and t.stride(0) == 1, (
         f"{name} must be contiguous [{size}], got {tuple(t.shape)} strides {t.stride()}"
     )
@@ -248,12 +175,12 @@ def gemv(
     """
     assert x.dim() == 2, f"x must be [m, k], got {tuple(x.shape)}"
     assert x.shape[0] <= MAX_ROWS, f"x has {x.shape[0]} rows, at most {MAX_ROWS}"
-    _check_x_weight(x, weight, x.shape[1])
+    check_x_weight(x, weight, x.shape[1])
     m, k = x.shape
     n = weight.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m > 0:
-        block_n, block_k, warps = tiles or _tiles(n, k, m)
+        block_n, block_k, warps = tiles or gemv_tiles(n, k, m)
         _gemv_kernel[(cdiv(n, block_n),)](
             x, weight, y, n, k, x.stride(0), weight.stride(0), y.stride(0),
             M=m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
@@ -262,80 +189,3 @@ def gemv(
     if bias is not None:
         y += bias
     return y
-
-
-def _gemv_prologue(x, residual, h, norm_weight, weight, bias, eps, rmsnorm, tiles):
-    n, k = weight.shape
-    if bias is not None:
-        _check_vector("bias", bias, n)
-    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    block_n, block_k, warps = tiles or _tiles(n, k)
-    _gemv_prologue_kernel[(cdiv(n, block_n),)](
-        x, residual, h, norm_weight, weight, bias, y, n, k, eps, weight.stride(0),
-        RMSNORM=rmsnorm, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
-        BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
-        num_warps=warps, num_stages=4, USE_PDL=bool(pdl := pdl_options(x.device)), **pdl,
-    )
-    return y
-
-
-def gemv_rmsnorm(
-    x: torch.Tensor,
-    norm_weight: torch.Tensor,
-    eps: float,
-    weight: torch.Tensor,
-    residual: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
-    tiles: tuple[int, int, int] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """rms_norm(x (+ residual)) @ weight.T (+ bias) for one row, in one launch.
-
-    Args:
-        x: [1, k], last dim contiguous.
-        norm_weight: contiguous [k].
-        weight: [n, k], last dim contiguous, same dtype as x.
-        residual: optional [1, k], same dtype as x.
-        bias: optional contiguous [n].
-        tiles: (BLOCK_N, BLOCK_K, num_warps) to override the heuristic (benchmarks).
-
-    Returns:
-        (y [1, n] in x.dtype, h) where h = x + residual rounded to x.dtype (a new tensor), or
-        x itself without residual.
-    """
-    assert x.dim() == 2 and x.shape[0] == 1, f"x must be one row [1, k], got {tuple(x.shape)}"
-    k = x.shape[1]
-    _check_x_weight(x, weight, k)
-    _check_vector("norm_weight", norm_weight, k)
-    h = x
-    if residual is not None:
-        assert residual.shape == x.shape and residual.dtype == x.dtype, (
-            f"residual {tuple(residual.shape)} {residual.dtype} vs x {tuple(x.shape)} {x.dtype}"
-        )
-        check_last_dim_contiguous("residual", residual)
-        h = torch.empty_like(x)
-    y = _gemv_prologue(x, residual, h, norm_weight, weight, bias, eps, True, tiles)
-    return y, h
-
-
-def gemv_silu_mul(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    tiles: tuple[int, int, int] | None = None,
-) -> torch.Tensor:
-    """(silu(gate) * up) @ weight.T (+ bias) for one row x = [gate | up], in one launch.
-
-    Args:
-        x: [1, 2 * i], last dim contiguous.
-        weight: [n, i], last dim contiguous, same dtype as x.
-        bias: optional contiguous [n].
-        tiles: (BLOCK_N, BLOCK_K, num_warps) to override the heuristic (benchmarks).
-
-    Returns:
-        [1, n] in x.dtype, rounded like silu_and_mul followed by gemv (up to the bias add).
-    """
-    assert x.dim() == 2 and x.shape[0] == 1 and x.shape[1] % 2 == 0, (
-        f"x must be one row [1, 2 * i], got {tuple(x.shape)}"
-    )
-    _check_x_weight(x, weight, x.shape[1] // 2)
-    return _gemv_prologue(x, None, None, None, weight, bias, 0.0, False, tiles)

@@ -20,7 +20,7 @@ def rms_norm_linear(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(linear(norm(x + residual)), x + residual); without residual, (linear(norm(x)), x)."""
     if takes_gemv(x):
-        from kestrel.kernels.gemv import gemv_rmsnorm
+        from kestrel.kernels.gemv_fused import gemv_rmsnorm
 
         return gemv_rmsnorm(x, norm.weight, norm.eps, linear.weight, residual, linear.bias)
     if residual is None:
@@ -32,7 +32,7 @@ def rms_norm_linear(
 def act_linear(act: torch.nn.Module, linear: LinearBase, x: torch.Tensor) -> torch.Tensor:
     """linear(act(x)) for a gated activation over x = [gate | up]."""
     if isinstance(act, SiluAndMul) and takes_gemv(x):
-        from kestrel.kernels.gemv import gemv_silu_mul
+        from kestrel.kernels.gemv_fused import gemv_silu_mul
 
         return gemv_silu_mul(x, linear.weight, linear.bias)
     return linear(act(x))

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from kestrel.kernels.activation import silu_and_mul
-from kestrel.kernels.gemv import MAX_ROWS, gemv, gemv_rmsnorm, gemv_silu_mul
+from kestrel.kernels.gemv import MAX_ROWS, gemv
+from kestrel.kernels.gemv_fused import gemv_rmsnorm, gemv_rmsnorm_rope_store, gemv_silu_mul
 from tests.kernels.paged_refs import rel_err
 
 
@@ -155,3 +156,29 @@ def test_gemv_silu_mul_bf16_llama8b_down(device):
     w = (torch.randn(n, i, generator=gen) / i**0.5).to(device=device, dtype=torch.bfloat16)
     gate, up = x.float().chunk(2, dim=-1)
     assert rel_err(gemv_silu_mul(x, w), (F.silu(gate) * up) @ w.float().T) < 1e-2
+
+
+@pytest.mark.parametrize("bias, slot", [(False, 37), (True, -1)])
+def test_gemv_rmsnorm_rope_store_matches_two_kernels(bias, slot, device):
+    """The qkv GEMV with RoPE + K/V store as its epilogue equals gemv_rmsnorm followed by
+    rope_store_kv, bit for bit; slot -1 stores nothing."""
+    from kestrel.kernels.rope_store import rope_store_kv
+
+    hq, hkv, d, k = 4, 2, 16, 64
+    n = (hq + 2 * hkv) * d
+    x, res, g, w, b = _rmsnorm_inputs(n, k, torch.float32, True, bias, device)
+    gen = torch.Generator().manual_seed(3)
+    positions = torch.tensor([123], device=device)
+    slots = torch.tensor([slot], device=device)
+    angles = torch.arange(200.0)[:, None] * 0.9 ** torch.arange(d // 2)[None, :]
+    cos_sin = torch.cat([angles.cos(), angles.sin()], dim=1).to(device)
+    cache = torch.randn(2, 40, 16, hkv, d, generator=gen).to(device)
+    expected_cache = cache.clone()
+
+    qkv, h = gemv_rmsnorm_rope_store(x, g, 1e-6, w, res, b, positions, cos_sin, cache, slots,
+                                     hq, hkv)
+    ref_qkv, ref_h = gemv_rmsnorm(x, g, 1e-6, w, residual=res, bias=b)
+    ref_q = rope_store_kv(ref_qkv, positions, cos_sin, expected_cache, slots, hq, hkv, d)
+    assert torch.equal(h, ref_h)
+    assert torch.equal(qkv[:, : hq * d].view(1, hq, d), ref_q)
+    assert torch.equal(cache, expected_cache)
