@@ -182,3 +182,26 @@ def test_gemv_rmsnorm_rope_store_matches_two_kernels(bias, slot, device):
     assert torch.equal(h, ref_h)
     assert torch.equal(qkv[:, : hq * d].view(1, hq, d), ref_q)
     assert torch.equal(cache, expected_cache)
+
+
+@pytest.mark.gpu
+def test_gemv_rmsnorm_rope_store_bf16_llama8b(device):
+    from kestrel.kernels.rope_store import rope_store_kv
+
+    hq, hkv, d, k = 32, 8, 128, 4096
+    gen = torch.Generator().manual_seed(0)
+    bf16 = dict(device=device, dtype=torch.bfloat16)
+    x, res = torch.randn(1, k, generator=gen).to(**bf16), torch.randn(1, k, generator=gen).to(**bf16)
+    g = (1 + 0.1 * torch.randn(k, generator=gen)).to(**bf16)
+    w = (torch.randn((hq + 2 * hkv) * d, k, generator=gen) / k**0.5).to(**bf16)
+    angles = torch.arange(4096.0)[:, None] * 500000.0 ** (-torch.arange(0, d, 2) / d)[None, :]
+    cos_sin = torch.cat([angles.cos(), angles.sin()], dim=1).to(device)
+    cache = torch.randn(2, 3000, 16, hkv, d, generator=gen).to(**bf16)
+    expected = cache.clone()
+    positions, slots = torch.tensor([4000], device=device), torch.tensor([47_999], device=device)
+    qkv, h = gemv_rmsnorm_rope_store(x, g, 1e-5, w, res, None, positions, cos_sin, cache, slots,
+                                     hq, hkv)
+    ref_qkv, ref_h = gemv_rmsnorm(x, g, 1e-5, w, residual=res)
+    ref_q = rope_store_kv(ref_qkv, positions, cos_sin, expected, slots, hq, hkv, d)
+    assert torch.equal(h, ref_h) and torch.equal(cache, expected)
+    assert torch.equal(qkv[:, : hq * d].view(1, hq, d), ref_q)
