@@ -191,7 +191,8 @@ def test_gemv_rmsnorm_rope_store_bf16_llama8b(device):
     hq, hkv, d, k = 32, 8, 128, 4096
     gen = torch.Generator().manual_seed(0)
     bf16 = dict(device=device, dtype=torch.bfloat16)
-    x, res = torch.randn(1, k, generator=gen).to(**bf16), torch.randn(1, k, generator=gen).to(**bf16)
+    x = torch.randn(1, k, generator=gen).to(**bf16)
+    res = torch.randn(1, k, generator=gen).to(**bf16)
     g = (1 + 0.1 * torch.randn(k, generator=gen)).to(**bf16)
     w = (torch.randn((hq + 2 * hkv) * d, k, generator=gen) / k**0.5).to(**bf16)
     angles = torch.arange(4096.0)[:, None] * 500000.0 ** (-torch.arange(0, d, 2) / d)[None, :]
