@@ -20,7 +20,7 @@ from kestrel.kernels.gemv import (
     load_w,
     program_rows,
 )
-from kestrel.kernels.rope_store import rope_store_pair
+from kestrel.kernels.rope_store import rope_pair_inputs, rope_store_pair
 from kestrel.kernels.utils import (
     cdiv,
     check_dtype,
@@ -106,6 +106,9 @@ def _gemv_prologue_kernel(
     # First weight tile before the wait, as in _gemv_kernel.
     w = load_w(w_rows, offs_k, mask_n, offs_k < K, EVEN_K)
     pdl_wait(USE_PDL)
+    if ROPE_STORE:
+        cos, sin, slot = rope_pair_inputs(positions_ptr, cos_sin_ptr, stride_cs_pos,
+                                          slot_mapping_ptr, pid % (HEAD_DIM // 2), HEAD_DIM)
     xk, ss = _prologue_x(x_ptr, res_ptr, h_ptr, g_ptr, offs_k, offs_k < K, K, ss, pid,
                          RMSNORM, HAS_RESIDUAL, EVEN_K)
     acc = w * xk[None, :]
@@ -124,9 +127,8 @@ def _gemv_prologue_kernel(
     if ROPE_STORE:
         rope_store_pair(
             y.to(y_ptr.dtype.element_ty), y_ptr + offs_n, pid // (HEAD_DIM // 2),
-            pid % (HEAD_DIM // 2), positions_ptr, cos_sin_ptr, stride_cs_pos, cache_ptr,
-            slot_mapping_ptr, block_size, stride_c_kv, stride_c_block, stride_c_slot,
-            stride_c_head, num_q_heads, num_kv_heads, HEAD_DIM,
+            pid % (HEAD_DIM // 2), cos, sin, slot, cache_ptr, block_size, stride_c_kv,
+            stride_c_block, stride_c_slot, stride_c_head, num_q_heads, num_kv_heads, HEAD_DIM,
         )
     else:
         tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=mask_n)

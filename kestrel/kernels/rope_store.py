@@ -234,16 +234,26 @@ def rope_store_kv(
 
 
 @triton.jit
+def rope_pair_inputs(positions_ptr, cos_sin_ptr, stride_cs_pos, slot_mapping_ptr, j,
+                     HEAD_DIM: tl.constexpr):
+    """(cos, sin, slot) of one token's rotate-half pair j, for `rope_store_pair`. Loaded at the
+    start of a GEMV program, so their latency hides behind the weight stream."""
+    pos = tl.load(positions_ptr).to(tl.int64)
+    cos = tl.load(cos_sin_ptr + pos * stride_cs_pos + j).to(tl.float32)
+    sin = tl.load(cos_sin_ptr + pos * stride_cs_pos + HEAD_DIM // 2 + j).to(tl.float32)
+    return cos, sin, tl.load(slot_mapping_ptr).to(tl.int64)
+
+
+@triton.jit
 def rope_store_pair(
     y,  # [2] this program's two outputs of the qkv projection, rounded to the activation dtype
     y_ptrs,  # [2] where they go in the qkv output
     head,  # head of the pair: q heads, then k heads, then v heads
     j,  # the pair is rows (j, j + head_dim // 2) of the head
-    positions_ptr,
-    cos_sin_ptr,
-    stride_cs_pos,
+    cos,
+    sin,
+    slot,
     cache_ptr,
-    slot_mapping_ptr,
     block_size,
     stride_c_kv,
     stride_c_block,
@@ -260,21 +270,16 @@ def rope_store_pair(
     idx = tl.arange(0, 2)
     yf = y.to(tl.float32)
     if head < num_q_heads + num_kv_heads:  # q and k heads rotate, v heads do not
-        pos = tl.load(positions_ptr).to(tl.int64)
-        cos = tl.load(cos_sin_ptr + pos * stride_cs_pos + j).to(tl.float32)
-        sin = tl.load(cos_sin_ptr + pos * stride_cs_pos + half + j).to(tl.float32)
         x1 = tl.sum(tl.where(idx == 0, yf, 0.0), axis=0)
         x2 = tl.sum(tl.where(idx == 1, yf, 0.0), axis=0)
         o1, o2 = rope_pair(x1, x2, cos, sin)
         yf = tl.where(idx == 0, o1, o2)
     out = yf.to(y.dtype)
     tl.store(y_ptrs, out)
-    if head >= num_q_heads:
-        slot = tl.load(slot_mapping_ptr).to(tl.int64)
-        if slot >= 0:  # not a padding row
-            is_v = head >= num_q_heads + num_kv_heads
-            kv_head = (head - num_q_heads) % num_kv_heads
-            kv_cache = cache_ptr + tl.where(is_v, stride_c_kv, 0)
-            dst = slot_address(kv_cache, slot, block_size, stride_c_block, stride_c_slot)
-            tl.store(dst + kv_head * stride_c_head + j + idx * half,
-                     out.to(cache_ptr.dtype.element_ty))
+    if (head >= num_q_heads) & (slot >= 0):  # k or v of a real (not padding) row
+        is_v = head >= num_q_heads + num_kv_heads
+        kv_head = (head - num_q_heads) % num_kv_heads
+        kv_cache = cache_ptr + tl.where(is_v, stride_c_kv, 0)
+        dst = slot_address(kv_cache, slot, block_size, stride_c_block, stride_c_slot)
+        tl.store(dst + kv_head * stride_c_head + j + idx * half,
+                 out.to(cache_ptr.dtype.element_ty))
