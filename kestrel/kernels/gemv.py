@@ -51,16 +51,11 @@ def _dot_rows(acc, w, x_row_ptr, k, mask_k, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def program_rows(w_ptr, N, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  PAIR_HALF: tl.constexpr = 0):
+def program_rows(w_ptr, N, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """This program's output rows: (pid, row offsets, K offsets, row mask, [BLOCK_N, 1]
-    pointers to the weight rows). With PAIR_HALF (BLOCK_N = 2), program p takes rows j and
-    j + PAIR_HALF of head p // PAIR_HALF, j = p % PAIR_HALF: a rotate-half pair."""
+    pointers to the weight rows)."""
     pid = tl.program_id(0)
-    if PAIR_HALF > 0:
-        offs_n = (pid // PAIR_HALF) * 2 * PAIR_HALF + pid % PAIR_HALF + tl.arange(0, 2) * PAIR_HALF
-    else:
-        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
     return pid, offs_n, tl.arange(0, BLOCK_K), offs_n < N, w_rows
 

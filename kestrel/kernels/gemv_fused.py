@@ -1,9 +1,10 @@
 """One-row GEMVs fused with their neighbours in a decoder layer, for batch-1 decode.
 
 Owns the prologue kernel and its wrappers: RMSNorm (with the residual add) before the qkv and
-gate_up projections, SiLU-and-mul before down, and for the qkv projection optionally RoPE and
-the K/V store as the epilogue. Each folds a small launch-bound kernel (~2-5 us at batch 1)
-into the weight stream. Must not own weights; tiles and loads come from gemv.py.
+gate_up projections, and SiLU-and-mul before down. Each folds a small launch-bound kernel
+(~2 us at batch 1) into the weight stream. Must not own weights; tiles and loads come from
+gemv.py. (RoPE + the K/V store as the qkv GEMV's epilogue, on rotate-half row pairs, measured
+slower at batch 1 on one H100: 5.60 vs 5.56 ms/token, so rope_store stays a kernel.)
 """
 
 from __future__ import annotations
@@ -20,10 +21,8 @@ from kestrel.kernels.gemv import (
     load_w,
     program_rows,
 )
-from kestrel.kernels.rope_store import rope_pair_inputs, rope_store_pair
 from kestrel.kernels.utils import (
     cdiv,
-    check_dtype,
     check_last_dim_contiguous,
     pdl_options,
     pdl_wait,
@@ -68,28 +67,14 @@ def _gemv_prologue_kernel(
     w_ptr,
     b_ptr,  # [N] bias, HAS_BIAS only
     y_ptr,
-    positions_ptr,  # ROPE_STORE only: [1] position, [1] slot, cos/sin table, paged KV cache
-    slot_mapping_ptr,
-    cos_sin_ptr,
-    cache_ptr,
     # sizes
     N,
     K,
     eps,
-    num_q_heads,
-    num_kv_heads,
-    block_size,
     # strides
     stride_wn,
-    stride_cs_pos,
-    stride_c_kv,
-    stride_c_block,
-    stride_c_slot,
-    stride_c_head,
     # meta
     RMSNORM: tl.constexpr,  # else SiLU-and-mul
-    ROPE_STORE: tl.constexpr,  # qkv projection: RoPE on q/k and the K/V store as the epilogue
-    HEAD_DIM: tl.constexpr,  # ROPE_STORE only
     HAS_RESIDUAL: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -99,16 +84,11 @@ def _gemv_prologue_kernel(
 ):
     # One row of x; every program rebuilds the (L2-resident) input vector itself, so the op
     # before the GEMV costs no launch and no extra HBM round trip.
-    pid, offs_n, offs_k, mask_n, w_rows = program_rows(
-        w_ptr, N, stride_wn, BLOCK_N, BLOCK_K, HEAD_DIM // 2 if ROPE_STORE else 0
-    )
+    pid, offs_n, offs_k, mask_n, w_rows = program_rows(w_ptr, N, stride_wn, BLOCK_N, BLOCK_K)
     ss = tl.zeros([BLOCK_K], dtype=tl.float32)  # RMSNORM: per-lane sums of h^2
     # First weight tile before the wait, as in _gemv_kernel.
     w = load_w(w_rows, offs_k, mask_n, offs_k < K, EVEN_K)
     pdl_wait(USE_PDL)
-    if ROPE_STORE:
-        cos, sin, slot = rope_pair_inputs(positions_ptr, cos_sin_ptr, stride_cs_pos,
-                                          slot_mapping_ptr, pid % (HEAD_DIM // 2), HEAD_DIM)
     xk, ss = _prologue_x(x_ptr, res_ptr, h_ptr, g_ptr, offs_k, offs_k < K, K, ss, pid,
                          RMSNORM, HAS_RESIDUAL, EVEN_K)
     acc = w * xk[None, :]
@@ -124,35 +104,18 @@ def _gemv_prologue_kernel(
         y = y * tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
     if HAS_BIAS:  # in float32, before the single rounding (gemv adds it after rounding)
         y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    if ROPE_STORE:
-        rope_store_pair(
-            y.to(y_ptr.dtype.element_ty), y_ptr + offs_n, pid // (HEAD_DIM // 2),
-            pid % (HEAD_DIM // 2), cos, sin, slot, cache_ptr, block_size, stride_c_kv,
-            stride_c_block, stride_c_slot, stride_c_head, num_q_heads, num_kv_heads, HEAD_DIM,
-        )
-    else:
-        tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=mask_n)
+    tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=mask_n)
 
 
-def _gemv_prologue(x, residual, h, norm_weight, weight, bias, eps, rmsnorm, tiles, rope=None):
+def _gemv_prologue(x, residual, h, norm_weight, weight, bias, eps, rmsnorm, tiles):
     n, k = weight.shape
     if bias is not None:
         check_vector("bias", bias, n)
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
     block_n, block_k, warps = tiles or gemv_tiles(n, k)
-    if rope is None:
-        head_dim, rope_ptrs, rope_sizes = 0, (x, x, x, x), (0,) * 8
-    else:  # (positions, slot_mapping, cos_sin_cache, kv_cache, num_q_heads, num_kv_heads)
-        positions, slots, cos_sin, cache, num_q_heads, num_kv_heads = rope
-        head_dim, block_n = cache.shape[-1], 2  # one rotate-half pair per program
-        rope_ptrs = (positions, slots, cos_sin, cache)
-        rope_sizes = (num_q_heads, num_kv_heads, cache.shape[2], cos_sin.stride(0),
-                      *cache.stride()[:4])
     _gemv_prologue_kernel[(cdiv(n, block_n),)](
-        x, residual, h, norm_weight, weight, bias, y, *rope_ptrs, n, k, eps, *rope_sizes[:3],
-        weight.stride(0), *rope_sizes[3:],
-        RMSNORM=rmsnorm, ROPE_STORE=rope is not None, HEAD_DIM=head_dim,
-        HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
+        x, residual, h, norm_weight, weight, bias, y, n, k, eps, weight.stride(0),
+        RMSNORM=rmsnorm, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
         BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
         num_warps=warps, num_stages=4, USE_PDL=bool(pdl := pdl_options(x.device)), **pdl,
     )
@@ -194,50 +157,6 @@ def gemv_rmsnorm(
         check_last_dim_contiguous("residual", residual)
         h = torch.empty_like(x)
     y = _gemv_prologue(x, residual, h, norm_weight, weight, bias, eps, True, tiles)
-    return y, h
-
-
-def gemv_rmsnorm_rope_store(
-    x: torch.Tensor,
-    norm_weight: torch.Tensor,
-    eps: float,
-    weight: torch.Tensor,
-    residual: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    positions: torch.Tensor,
-    cos_sin_cache: torch.Tensor,
-    kv_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    num_q_heads: int,
-    num_kv_heads: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Everything before one token's attention in one launch: `gemv_rmsnorm` with the qkv
-    weight, then, as `rope_store_kv` without q/k norm, RoPE on q and k and the K/V store.
-
-    Args (beyond gemv_rmsnorm's): positions, slot_mapping: [1] int (slot -1: no store);
-        cos_sin_cache: [max_position, head_dim] float32 (full-width rotary); kv_cache:
-        [2, num_blocks, block_size, num_kv_heads, head_dim].
-
-    Returns:
-        (qkv [1, (num_q_heads + 2 * num_kv_heads) * head_dim] whose q part is rotated, h).
-    """
-    head_dim = kv_cache.shape[-1]
-    assert weight.shape[0] == (num_q_heads + 2 * num_kv_heads) * head_dim, (
-        f"weight {tuple(weight.shape)} vs {num_q_heads}+2x{num_kv_heads} heads of {head_dim}"
-    )
-    assert kv_cache.dim() == 5 and kv_cache.shape[3] == num_kv_heads, f"kv_cache {kv_cache.shape}"
-    assert cos_sin_cache.shape[1] == head_dim and cos_sin_cache.stride(1) == 1, (
-        f"cos_sin_cache {tuple(cos_sin_cache.shape)} must be full-width for head_dim {head_dim}"
-    )
-    assert positions.shape == (1,) and slot_mapping.shape == (1,)
-    check_dtype("kv_cache", kv_cache)
-    check_last_dim_contiguous("kv_cache", kv_cache)
-    assert x.dim() == 2 and x.shape[0] == 1, f"x must be one row [1, k], got {tuple(x.shape)}"
-    check_x_weight(x, weight, x.shape[1])
-    check_vector("norm_weight", norm_weight, x.shape[1])
-    h = x if residual is None else torch.empty_like(x)
-    rope = (positions, slot_mapping, cos_sin_cache, kv_cache, num_q_heads, num_kv_heads)
-    y = _gemv_prologue(x, residual, h, norm_weight, weight, bias, eps, True, None, rope)
     return y, h
 
 

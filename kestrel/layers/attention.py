@@ -59,28 +59,3 @@ class Attention(nn.Module):
         )  # [T, heads, head_dim]
         out = ctx.backend.attend(q, kv_cache, ctx.attn_metadata, self.scale)
         return out.reshape(out.shape[0], self.num_heads * self.head_dim)
-
-    def forward_norm_qkv(
-        self,
-        hidden: torch.Tensor,  # [1, hidden_size]: one token
-        residual: torch.Tensor | None,
-        norm_weight: torch.Tensor,
-        eps: float,
-        qkv_weight: torch.Tensor,
-        qkv_bias: torch.Tensor | None,
-        positions: torch.Tensor,  # [1]
-        cos_sin_cache: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """RMSNorm (+ residual), the qkv projection, RoPE and the K/V store in one kernel,
-        then attention -> ([1, heads * head_dim], new residual)."""
-        from kestrel.kernels.gemv_fused import gemv_rmsnorm_rope_store
-
-        ctx = get_forward_context()
-        kv_cache = ctx.kv_caches[self.layer_idx]
-        qkv, residual = gemv_rmsnorm_rope_store(
-            hidden, norm_weight, eps, qkv_weight, residual, qkv_bias, positions, cos_sin_cache,
-            kv_cache, ctx.attn_metadata.slot_mapping, self.num_heads, self.num_kv_heads,
-        )
-        q = qkv[:, : self.num_heads * self.head_dim].view(1, self.num_heads, self.head_dim)
-        out = ctx.backend.attend(q, kv_cache, ctx.attn_metadata, self.scale)
-        return out.reshape(1, self.num_heads * self.head_dim), residual

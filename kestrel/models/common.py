@@ -16,7 +16,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from kestrel.layers import fused
 from kestrel.layers.activation import ACTIVATIONS
 from kestrel.layers.attention import Attention
 from kestrel.layers.embedding import LMHead, VocabEmbedding
@@ -65,22 +64,6 @@ class RopeAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         return self.attend(positions, self.qkv_proj(hidden))
-
-    def norm_and_attend(
-        self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
-        norm: RMSNorm,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(this block's output, new residual) from norm(hidden + residual). For one row with
-        a backend that attends over a stored cache and no q/k norm, the norm, the qkv GEMV,
-        RoPE and the K/V store are one kernel."""
-        if self.q_norm is None and fused.takes_gemv(hidden) and self.attn.fuses_rope_store(hidden):
-            out, residual = self.attn.forward_norm_qkv(
-                hidden, residual, norm.weight, norm.eps, self.qkv_proj.weight,
-                self.qkv_proj.bias, positions, self.rotary.cos_sin_cache,
-            )
-            return self.o_proj(out), residual
-        qkv, residual = rms_norm_linear(norm, self.qkv_proj, hidden, residual)
-        return self.attend(positions, qkv), residual
 
     def attend(self, positions: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
         """qkv [T, q_size + 2 * kv_size] (the projection's output) -> [T, hidden_size]."""
@@ -136,9 +119,9 @@ class DecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (this layer's output delta, running residual); their sum is the layer output.
         Each norm runs with the projection after it so one-row steps can fuse the two."""
-        hidden, residual = self.self_attn.norm_and_attend(
-            positions, hidden, residual, self.input_layernorm
-        )
+        attn = self.self_attn
+        qkv, residual = rms_norm_linear(self.input_layernorm, attn.qkv_proj, hidden, residual)
+        hidden = attn.attend(positions, qkv)
         gate_up, residual = rms_norm_linear(
             self.post_attention_layernorm, self.mlp.gate_up_proj, hidden, residual
         )

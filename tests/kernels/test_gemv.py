@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from kestrel.kernels.activation import silu_and_mul
 from kestrel.kernels.gemv import MAX_ROWS, gemv
-from kestrel.kernels.gemv_fused import gemv_rmsnorm, gemv_rmsnorm_rope_store, gemv_silu_mul
+from kestrel.kernels.gemv_fused import gemv_rmsnorm, gemv_silu_mul
 from tests.kernels.paged_refs import rel_err
 
 
@@ -157,52 +157,3 @@ def test_gemv_silu_mul_bf16_llama8b_down(device):
     gate, up = x.float().chunk(2, dim=-1)
     assert rel_err(gemv_silu_mul(x, w), (F.silu(gate) * up) @ w.float().T) < 1e-2
 
-
-@pytest.mark.parametrize("bias, slot", [(False, 37), (True, -1)])
-def test_gemv_rmsnorm_rope_store_matches_two_kernels(bias, slot, device):
-    """The qkv GEMV with RoPE + K/V store as its epilogue equals gemv_rmsnorm followed by
-    rope_store_kv, bit for bit; slot -1 stores nothing."""
-    from kestrel.kernels.rope_store import rope_store_kv
-
-    hq, hkv, d, k = 4, 2, 16, 64
-    n = (hq + 2 * hkv) * d
-    x, res, g, w, b = _rmsnorm_inputs(n, k, torch.float32, True, bias, device)
-    gen = torch.Generator().manual_seed(3)
-    positions = torch.tensor([123], device=device)
-    slots = torch.tensor([slot], device=device)
-    angles = torch.arange(200.0)[:, None] * 0.9 ** torch.arange(d // 2)[None, :]
-    cos_sin = torch.cat([angles.cos(), angles.sin()], dim=1).to(device)
-    cache = torch.randn(2, 40, 16, hkv, d, generator=gen).to(device)
-    expected_cache = cache.clone()
-
-    qkv, h = gemv_rmsnorm_rope_store(x, g, 1e-6, w, res, b, positions, cos_sin, cache, slots,
-                                     hq, hkv)
-    ref_qkv, ref_h = gemv_rmsnorm(x, g, 1e-6, w, residual=res, bias=b)
-    ref_q = rope_store_kv(ref_qkv, positions, cos_sin, expected_cache, slots, hq, hkv, d)
-    assert torch.equal(h, ref_h)
-    assert torch.equal(qkv[:, : hq * d].view(1, hq, d), ref_q)
-    assert torch.equal(cache, expected_cache)
-
-
-@pytest.mark.gpu
-def test_gemv_rmsnorm_rope_store_bf16_llama8b(device):
-    from kestrel.kernels.rope_store import rope_store_kv
-
-    hq, hkv, d, k = 32, 8, 128, 4096
-    gen = torch.Generator().manual_seed(0)
-    bf16 = dict(device=device, dtype=torch.bfloat16)
-    x = torch.randn(1, k, generator=gen).to(**bf16)
-    res = torch.randn(1, k, generator=gen).to(**bf16)
-    g = (1 + 0.1 * torch.randn(k, generator=gen)).to(**bf16)
-    w = (torch.randn((hq + 2 * hkv) * d, k, generator=gen) / k**0.5).to(**bf16)
-    angles = torch.arange(4096.0)[:, None] * 500000.0 ** (-torch.arange(0, d, 2) / d)[None, :]
-    cos_sin = torch.cat([angles.cos(), angles.sin()], dim=1).to(device)
-    cache = torch.randn(2, 3000, 16, hkv, d, generator=gen).to(**bf16)
-    expected = cache.clone()
-    positions, slots = torch.tensor([4000], device=device), torch.tensor([47_999], device=device)
-    qkv, h = gemv_rmsnorm_rope_store(x, g, 1e-5, w, res, None, positions, cos_sin, cache, slots,
-                                     hq, hkv)
-    ref_qkv, ref_h = gemv_rmsnorm(x, g, 1e-5, w, residual=res)
-    ref_q = rope_store_kv(ref_qkv, positions, cos_sin, expected, slots, hq, hkv, d)
-    assert torch.equal(h, ref_h) and torch.equal(cache, expected)
-    assert torch.equal(qkv[:, : hq * d].view(1, hq, d), ref_q)
