@@ -1,7 +1,8 @@
 """Where a decode-heavy run spends its time: host time per engine phase and GPU busy time.
 
-Usage: python benchmarks/profile_engine.py [--workload nano-vllm|batch1] [--requests N]
-           [--shape qwen3-0.6b] [--max-tokens N] [--temperature T]
+Usage: python benchmarks/profile_engine.py [--workload nano-vllm|batch1|long] [--requests N]
+           [--shape qwen3-0.6b] [--max-tokens N] [--temperature T] [--real-lengths]
+           [--max-num-batched-tokens N] [--max-num-seqs N] [--plain-runs N]
 
 Host phases are timed by wrapping the engine's methods (cheaper and less distorting than
 cProfile); the GPU side is the sum of kernel times from torch.profiler over the same workload.
@@ -12,6 +13,8 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
+import gc
+import statistics
 import time
 
 import torch
@@ -50,6 +53,56 @@ def instrument(totals: collections.Counter, calls: collections.Counter) -> None:
         setattr(cls, name, timed)
 
 
+def trace_steps() -> tuple[list, collections.Counter]:
+    """Per engine step: (host seconds, scheduled tokens, requests, finished, GC seconds); and
+    GC seconds per generation. A step that stalls the GPU shows up here with its cause."""
+    steps: list[tuple[float, int, int, int, float]] = []
+    gc_time: collections.Counter = collections.Counter()
+    state = {"out": None, "gc0": 0.0, "in_step": 0.0}
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            state["gc0"] = time.perf_counter()
+        else:
+            dt = time.perf_counter() - state["gc0"]
+            gc_time[info["generation"]] += dt
+            state["in_step"] += dt
+
+    gc.callbacks.append(on_gc)
+    schedule, step = Scheduler.schedule, Engine.step
+
+    def traced_schedule(self, *args, **kwargs):
+        state["out"] = schedule(self, *args, **kwargs)
+        return state["out"]
+
+    def traced_step(self):
+        t0, state["in_step"] = time.perf_counter(), 0.0
+        result = step(self)
+        out = state["out"]
+        steps.append((time.perf_counter() - t0, out.total_num_scheduled_tokens,
+                      len(out.num_scheduled_tokens), len(out.finished_req_ids),
+                      state["in_step"]))
+        return result
+
+    Scheduler.schedule, Engine.step = traced_schedule, traced_step
+    return steps, gc_time
+
+
+def report_steps(steps: list, gc_time: collections.Counter) -> None:
+    print(f"GC: {dict((g, round(t * 1e3, 1)) for g, t in sorted(gc_time.items()))} ms by "
+          f"generation")
+    decode = [s[0] for s in steps if s[1] == s[2]]
+    mixed = [s[0] for s in steps if s[1] != s[2]]
+    for name, xs in (("decode-only", decode), ("with prefill", mixed)):
+        if xs:
+            mean = statistics.mean(xs) * 1e3
+            print(f"  {name} steps: {len(xs)}, host {sum(xs):.2f} s, mean {mean:.2f} ms, "
+                  f"max {max(xs) * 1e3:.2f} ms")
+    print("  slowest steps (ms, tokens, requests, finished, GC ms):")
+    for s in sorted(steps, reverse=True)[:12]:
+        print(f"    {s[0] * 1e3:7.2f} {s[1]:6d} {s[2]:4d} {s[3]:4d} {s[4] * 1e3:6.2f}")
+
+
 def report_compiles(label: str, events: list) -> None:
     if events:
         names = collections.Counter(name for name, _ in events)
@@ -65,6 +118,9 @@ def main() -> None:
     ap.add_argument("--shape", default="qwen3-0.6b")
     ap.add_argument("--max-tokens", type=int, default=200)
     ap.add_argument("--temperature", type=float, default=0.6)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=16384)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--plain-runs", type=int, default=2)
     ap.add_argument("--real-lengths", action="store_true",
                     help="each request's max_tokens from the workload instead of --max-tokens")
     args = ap.parse_args()
@@ -73,8 +129,8 @@ def main() -> None:
     compiles = jit_compiles().__enter__()  # stays installed for the whole script
     # Every run repeats the same prompts: without this, runs after the first would hit the
     # prefix cache and skip prefill, which `kestrel bench throughput`'s timed run does not.
-    llm = LLM(path, max_model_len=4096, max_num_batched_tokens=16384,
-              enable_prefix_caching=False)
+    llm = LLM(path, max_model_len=4096, max_num_batched_tokens=args.max_num_batched_tokens,
+              max_num_seqs=args.max_num_seqs, enable_prefix_caching=False)
     report_compiles("start-up", compiles)
     wl = make_workload(args.workload, args.requests)
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens,
@@ -84,13 +140,19 @@ def main() -> None:
         args.max_tokens = sum(wl.max_tokens) // len(wl.max_tokens)
     llm.generate(wl.prompts, params, use_tqdm=False)  # warm-up
     report_compiles("warm-up run", compiles)
-    for _ in range(2):  # plain timed runs: the run-to-run spread, with nothing attached
+    for _ in range(args.plain_runs):  # the run-to-run spread, with nothing attached
         t0 = time.perf_counter()
         llm.generate(wl.prompts, params, use_tqdm=False)
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
         print(f"plain run: {wall:.2f} s, {len(wl.prompts) * args.max_tokens / wall:,.0f} tok/s")
         report_compiles("plain run", compiles)
+    steps, gc_time = trace_steps()
+    t0 = time.perf_counter()
+    llm.generate(wl.prompts, params, use_tqdm=False)
+    torch.cuda.synchronize()
+    print(f"traced run: {time.perf_counter() - t0:.2f} s")
+    report_steps(steps, gc_time)
     totals: collections.Counter = collections.Counter()
     calls: collections.Counter = collections.Counter()
     instrument(totals, calls)

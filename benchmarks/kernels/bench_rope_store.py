@@ -23,12 +23,12 @@ from kestrel.kernels.rotary import apply_rotary
 
 DTYPE = torch.bfloat16
 LAYOUTS = {"qwen3-0.6b": (16, 8, 128, True), "llama3-8b": (32, 8, 128, False)}  # hq, hkv, d, norm
-TOKENS = (1, 64, 256)
+TOKENS = (1, 64, 256, 2048, 16384)
 MAX_POS, PAGE, EPS = 32768, 16, 1e-6
 
 
-def time_layout(hq: int, hkv: int, d: int, norm: bool, t: int) -> tuple[float, float]:
-    """(unfused us, fused us) for one step of t tokens."""
+def time_layout(hq: int, hkv: int, d: int, norm: bool, t: int) -> tuple[float, float, float]:
+    """(unfused us, fused us with one token per program, fused us) for one step of t tokens."""
     inv_freq = 10000.0 ** (-torch.arange(0, d, 2, device="cuda") / d)
     freqs = torch.arange(MAX_POS, device="cuda")[:, None] * inv_freq[None, :]
     cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1)  # [MAX_POS, d] float32
@@ -54,24 +54,28 @@ def time_layout(hq: int, hkv: int, d: int, norm: bool, t: int) -> tuple[float, f
         apply_rotary(q, k, pos, cos_sin)
         store_kv(k, v, cache, slots)
 
-    def fused(qkv, pos, slots):
-        rope_store_kv(qkv, pos, cos_sin, cache, slots, hq, hkv, d, q_w, k_w, EPS)
+    def fused(qkv, pos, slots, per=None):
+        rope_store_kv(qkv, pos, cos_sin, cache, slots, hq, hkv, d, q_w, k_w, EPS,
+                      tokens_per_prog=per)
 
-    return bench_rotating(unfused, sets) * 1e3, bench_rotating(fused, sets) * 1e3
+    one = [(*args, 1) for args in sets]
+    return tuple(bench_rotating(fn, a) * 1e3 for fn, a in
+                 ((unfused, sets), (fused, one), (fused, sets)))
 
 
 def rows():
     out = []
     for name, (hq, hkv, d, norm) in LAYOUTS.items():
         for t in TOKENS:
-            unfused_us, fused_us = time_layout(hq, hkv, d, norm, t)
-            out.append((name, t, unfused_us, fused_us, unfused_us / fused_us))
+            unfused_us, one_us, fused_us = time_layout(hq, hkv, d, norm, t)
+            out.append((name, t, unfused_us, one_us, fused_us, unfused_us / fused_us))
     return out
 
 
 def main() -> None:
     print(f"# {device_summary()}, {time.strftime('%Y-%m-%d')}, bf16")
-    print_table(["layout", "tokens", "unfused us", "fused us", "speedup"], rows())
+    print_table(["layout", "tokens", "unfused us", "fused us (1 token/program)", "fused us",
+                 "speedup"], rows())
 
 
 if __name__ == "__main__":

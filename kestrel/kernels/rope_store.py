@@ -19,9 +19,11 @@ from kestrel.kernels.kv_store import slot_address
 from kestrel.kernels.norm import rms_inv, rms_scale, row_num_warps
 from kestrel.kernels.rotary import load_cos_sin, rope_pair
 from kestrel.kernels.utils import (
+    cdiv,
     check_dtype,
     check_last_dim_contiguous,
     next_power_of_2,
+    num_sms,
     pdl_options,
     pdl_wait,
 )
@@ -39,8 +41,12 @@ def _load_normed(src, offs, mask, inv, w_ptr, HAS_NORM: tl.constexpr, dtype: tl.
 
 # NOTE: positions and slot_mapping are scalar loads; like the attention metadata they may be
 # views into step buffers, so their alignment is not specialized (no recompile mid-serving).
-# Nothing else passed here changes between steps: the token count is only the grid.
-@triton.jit(do_not_specialize_on_alignment=["positions_ptr", "slot_mapping_ptr"])
+# Nothing else passed here changes between steps: the token count only sizes the grid, and
+# tokens_per_program is not specialized (1 vs more would be two variants).
+@triton.jit(
+    do_not_specialize=["num_tokens", "tokens_per_program"],
+    do_not_specialize_on_alignment=["positions_ptr", "slot_mapping_ptr"],
+)
 def _rope_store_kernel(
     # pointers
     qkv_ptr,
@@ -51,6 +57,8 @@ def _rope_store_kernel(
     q_norm_ptr,
     k_norm_ptr,
     # sizes
+    num_tokens,
+    tokens_per_program,
     num_q_heads,
     num_kv_heads,
     head_dim,
@@ -73,14 +81,32 @@ def _rope_store_kernel(
     USE_PDL: tl.constexpr,
 ):
     pdl_wait(USE_PDL)
-    # One program per (token, head): heads [0, Hq) are q heads, [Hq, Hq + Hkv) kv heads. A head
-    # is one row of the norm kernel, so its sum of squares reduces in the same layout.
-    tok = tl.program_id(0).to(tl.int64)
+    # One program per (run of tokens, head): heads [0, Hq) are q heads, [Hq, Hq + Hkv) kv
+    # heads. Each head is one row of the norm kernel, so its sum of squares reduces in the same
+    # layout. Long prefill batches give a program several tokens: one-warp programs finish
+    # faster than an SM can start new ones.
     head = tl.program_id(1)
+    first = tl.program_id(0).to(tl.int64) * tokens_per_program
+    for tok in range(first, tl.minimum(first + tokens_per_program, num_tokens)):
+        _rope_store_head(
+            qkv_ptr, positions_ptr, cos_sin_ptr, cache_ptr, slot_mapping_ptr, q_norm_ptr,
+            k_norm_ptr, tok, head, num_q_heads, num_kv_heads, head_dim, half, block_size, eps,
+            stride_qkv_tok, stride_pos, stride_cs_pos, stride_c_kv, stride_c_block,
+            stride_c_slot, stride_c_head, HAS_NORM, PARTIAL, BLOCK_D, BLOCK_HALF,
+        )
+
+
+@triton.jit
+def _rope_store_head(
+    qkv_ptr, positions_ptr, cos_sin_ptr, cache_ptr, slot_mapping_ptr, q_norm_ptr, k_norm_ptr,
+    tok, head, num_q_heads, num_kv_heads, head_dim, half, block_size, eps, stride_qkv_tok,
+    stride_pos, stride_cs_pos, stride_c_kv, stride_c_block, stride_c_slot, stride_c_head,
+    HAS_NORM: tl.constexpr, PARTIAL: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
+    """One head of one token: norm, rotate, then q in place or k/v into the cache."""
     is_kv = head >= num_q_heads
     slot = tl.load(slot_mapping_ptr + tok).to(tl.int64)
-    if is_kv & (slot < 0):  # padding row: its k/v are never read; its q still is
-        return
     dtype = qkv_ptr.dtype.element_ty
     src = qkv_ptr + tok * stride_qkv_tok + head * head_dim  # k heads follow q heads in a row
 
@@ -107,25 +133,32 @@ def _rope_store_kernel(
     offs_r = tl.arange(0, BLOCK_D)
     mask_r = (offs_r >= 2 * half) & (offs_r < head_dim)
     if is_kv:
-        c_dtype = cache_ptr.dtype.element_ty
-        dst = slot_address(cache_ptr, slot, block_size, stride_c_block, stride_c_slot)
-        dst += (head - num_q_heads) * stride_c_head
-        tl.store(dst + offs_h, out1.to(c_dtype), mask=mask_h)
-        tl.store(dst + half + offs_h, out2.to(c_dtype), mask=mask_h)
-        if PARTIAL:
-            rest = _load_normed(src, offs_r, mask_r, inv, w_ptr, HAS_NORM, dtype)
-            tl.store(dst + offs_r, rest.to(c_dtype), mask=mask_r)
-        # v head j sits num_kv_heads heads after k head j; it is only copied.
-        offs_d = tl.arange(0, BLOCK_D)
-        mask_d = offs_d < head_dim
-        v = tl.load(src + num_kv_heads * head_dim + offs_d, mask=mask_d)
-        tl.store(dst + stride_c_kv + offs_d, v.to(c_dtype), mask=mask_d)
+        if slot >= 0:  # a padding row's k/v are never read (its q still is)
+            c_dtype = cache_ptr.dtype.element_ty
+            dst = slot_address(cache_ptr, slot, block_size, stride_c_block, stride_c_slot)
+            dst += (head - num_q_heads) * stride_c_head
+            tl.store(dst + offs_h, out1.to(c_dtype), mask=mask_h)
+            tl.store(dst + half + offs_h, out2.to(c_dtype), mask=mask_h)
+            if PARTIAL:
+                rest = _load_normed(src, offs_r, mask_r, inv, w_ptr, HAS_NORM, dtype)
+                tl.store(dst + offs_r, rest.to(c_dtype), mask=mask_r)
+            # v head j sits num_kv_heads heads after k head j; it is only copied.
+            offs_d = tl.arange(0, BLOCK_D)
+            mask_d = offs_d < head_dim
+            v = tl.load(src + num_kv_heads * head_dim + offs_d, mask=mask_d)
+            tl.store(dst + stride_c_kv + offs_d, v.to(c_dtype), mask=mask_d)
     else:
         tl.store(src + offs_h, out1, mask=mask_h)
         tl.store(src + half + offs_h, out2, mask=mask_h)
         if PARTIAL and HAS_NORM:  # without the norm the unrotated tail is already final
             rest = _load_normed(src, offs_r, mask_r, inv, w_ptr, HAS_NORM, dtype)
             tl.store(src + offs_r, rest, mask=mask_r)
+
+
+def tokens_per_program(num_tokens: int, num_heads: int, device: torch.device) -> int:
+    """Tokens each (tokens, head) program handles: one until the grid is ~4 waves of 32
+    one-warp programs per SM, then more (at most 16)."""
+    return max(1, min(16, cdiv(num_tokens * num_heads, num_sms(device) * 32 * 4)))
 
 
 def rope_store_kv(
@@ -140,6 +173,7 @@ def rope_store_kv(
     q_norm_weight: torch.Tensor | None = None,
     k_norm_weight: torch.Tensor | None = None,
     eps: float = 1e-6,
+    tokens_per_prog: int | None = None,
 ) -> torch.Tensor:
     """Norm (optional), rotate and store one layer's qkv in a single launch.
 
@@ -160,6 +194,8 @@ def rope_store_kv(
         q_norm_weight, k_norm_weight: [head_dim] per-head RMSNorm weights (Qwen3), both or
             neither.
         eps: RMSNorm epsilon (ignored without weights).
+        tokens_per_prog: tokens per program (default: `tokens_per_program`); results do not
+            depend on it.
 
     Returns:
         q: [T, num_q_heads, head_dim], a view of qkv.
@@ -200,7 +236,9 @@ def rope_store_kv(
     if num_tokens == 0:
         return q
     block_d = next_power_of_2(head_dim)
-    _rope_store_kernel[(num_tokens, num_q_heads + num_kv_heads)](
+    heads = num_q_heads + num_kv_heads
+    per = tokens_per_prog or tokens_per_program(num_tokens, heads, qkv.device)
+    _rope_store_kernel[(cdiv(num_tokens, per), heads)](
         qkv,
         positions,
         cos_sin_cache,
@@ -208,6 +246,8 @@ def rope_store_kv(
         slot_mapping,
         q_norm_weight,
         k_norm_weight,
+        num_tokens,
+        per,
         num_q_heads,
         num_kv_heads,
         head_dim,

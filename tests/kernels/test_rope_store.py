@@ -7,7 +7,7 @@ import torch
 
 from kestrel.kernels.kv_store import store_kv
 from kestrel.kernels.norm import rms_norm
-from kestrel.kernels.rope_store import rope_store_kv
+from kestrel.kernels.rope_store import rope_store_kv, tokens_per_program
 from kestrel.kernels.rotary import apply_rotary
 from kestrel.layers.rotary import RotaryEmbedding
 from tests.kernels.paged_refs import rel_err, tolerance
@@ -90,10 +90,11 @@ def _unfused(c: Case) -> tuple[torch.Tensor, torch.Tensor]:
     return q, cache
 
 
-def _fused(c: Case) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _fused(c: Case, per: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     qkv, cache = c.qkv.clone(), c.kv_cache.clone()
     q = rope_store_kv(
-        qkv, c.positions, c.cos_sin, cache, c.slots, c.hq, c.hkv, c.d, c.q_w, c.k_w, EPS
+        qkv, c.positions, c.cos_sin, cache, c.slots, c.hq, c.hkv, c.d, c.q_w, c.k_w, EPS,
+        tokens_per_prog=per,
     )
     assert q.shape == (qkv.shape[0], c.hq, c.d) and q.data_ptr() == qkv.data_ptr()
     assert torch.equal(qkv[:, c.hq * c.d :], c.qkv[:, c.hq * c.d :])  # k and v left unchanged
@@ -145,6 +146,25 @@ def test_rope_store_matches_unfused_kernels(hq, hkv, d, rotary_dim, norm, dtype,
     tol = tolerance(dtype, device)
     assert rel_err(q, q64) < tol and rel_err(k_rows, k64[valid]) < tol
     assert torch.equal(v_rows, c.qkv[valid, (hq + hkv) * d :].view(-1, hkv, d))
+
+
+@pytest.mark.parametrize("per", [2, 3, 16])
+def test_rope_store_several_tokens_per_program(per, device):
+    """Long prefill batches give each program a run of tokens (ragged last run included)."""
+    c = _case(4, 2, 64, 64, torch.float16, True, device, num_tokens=11, seed=per)
+    q_ref, cache_ref, _ = _fused(c, per=1)
+    q, cache, _ = _fused(c, per=per)
+    assert torch.equal(q, q_ref)
+    assert _same_bits(cache, cache_ref)
+    _check_cache_writes(c, cache)
+
+
+def test_tokens_per_program():
+    cpu = torch.device("cpu")  # nominal 132 SMs
+    assert tokens_per_program(1, 40, cpu) == 1
+    assert tokens_per_program(256, 24, cpu) == 1
+    assert tokens_per_program(16384, 24, cpu) == 16
+    assert tokens_per_program(2048, 24, cpu) == 3
 
 
 def test_rope_store_large_block_ids_mixed_dtypes(device):
