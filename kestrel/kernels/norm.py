@@ -21,8 +21,8 @@ from kestrel.kernels.utils import (
 
 @triton.jit
 def rms_inv(xf, n, eps):
-    """Reciprocal RMS of one float32 row (zero past its n valid entries). Jit helper, shared with
-    rope_store: per-head norms there must reduce exactly as this kernel does."""
+    """Reciprocal RMS of one float32 row (zero past its n valid entries). rope_store's per-head
+    norms reduce each head the same way (one row per warp group) and must stay bit-equal."""
     var = tl.sum(xf * xf, axis=0) / n
     return tl.rsqrt(var + eps)
 

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from kestrel.kernels.kv_store import slot_address
-from kestrel.kernels.norm import rms_inv, rms_scale, row_num_warps
+from kestrel.kernels.norm import rms_scale, row_num_warps
 from kestrel.kernels.rotary import load_cos_sin, rope_pair
 from kestrel.kernels.utils import (
     cdiv,
@@ -78,72 +78,77 @@ def _rope_store_kernel(
     PARTIAL: tl.constexpr,  # rotary_dim < head_dim: the tail is normed/copied, not rotated
     BLOCK_D: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
+    HEADS: tl.constexpr,  # heads per program, one per tile row
     USE_PDL: tl.constexpr,
 ):
     pdl_wait(USE_PDL)
-    # One program per (run of tokens, head): heads [0, Hq) are q heads, [Hq, Hq + Hkv) kv
-    # heads. Each head is one row of the norm kernel, so its sum of squares reduces in the same
-    # layout. Long prefill batches give a program several tokens: one-warp programs finish
-    # faster than an SM can start new ones.
-    head = tl.program_id(1)
+    # One program per (run of tokens, group of HEADS heads): heads [0, Hq) are q heads,
+    # [Hq, Hq + Hkv) kv heads. Each head is a tile row reduced by its own warps, as one row of
+    # the norm kernel. Long prefill batches give a program several tokens: small programs
+    # finish faster than an SM can start new ones.
+    h0 = tl.program_id(1) * HEADS
     first = tl.program_id(0).to(tl.int64) * tokens_per_program
     for tok in range(first, tl.minimum(first + tokens_per_program, num_tokens)):
-        _rope_store_head(
+        _rope_store_heads(
             qkv_ptr, positions_ptr, cos_sin_ptr, cache_ptr, slot_mapping_ptr, q_norm_ptr,
-            k_norm_ptr, tok, head, num_q_heads, num_kv_heads, head_dim, half, block_size, eps,
+            k_norm_ptr, tok, h0, num_q_heads, num_kv_heads, head_dim, half, block_size, eps,
             stride_qkv_tok, stride_pos, stride_cs_pos, stride_c_kv, stride_c_block,
-            stride_c_slot, stride_c_head, HAS_NORM, PARTIAL, BLOCK_D, BLOCK_HALF,
+            stride_c_slot, stride_c_head, HAS_NORM, PARTIAL, BLOCK_D, BLOCK_HALF, HEADS,
         )
 
 
 @triton.jit
-def _rope_store_head(
+def _rope_store_heads(
     qkv_ptr, positions_ptr, cos_sin_ptr, cache_ptr, slot_mapping_ptr, q_norm_ptr, k_norm_ptr,
-    tok, head, num_q_heads, num_kv_heads, head_dim, half, block_size, eps, stride_qkv_tok,
+    tok, h0, num_q_heads, num_kv_heads, head_dim, half, block_size, eps, stride_qkv_tok,
     stride_pos, stride_cs_pos, stride_c_kv, stride_c_block, stride_c_slot, stride_c_head,
     HAS_NORM: tl.constexpr, PARTIAL: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_HALF: tl.constexpr,
+    BLOCK_HALF: tl.constexpr, HEADS: tl.constexpr,
 ):
-    """One head of one token: norm, rotate, then q in place or k/v into the cache."""
-    is_kv = head >= num_q_heads
+    """Heads h0 .. h0 + HEADS - 1 of one token, all q or all kv heads, one per tile row: norm,
+    rotate, then q in place or k/v into the cache."""
+    is_kv = h0 >= num_q_heads
     slot = tl.load(slot_mapping_ptr + tok).to(tl.int64)
     dtype = qkv_ptr.dtype.element_ty
-    src = qkv_ptr + tok * stride_qkv_tok + head * head_dim  # k heads follow q heads in a row
+    heads = h0 + tl.arange(0, HEADS)
+    # [HEADS, 1] head starts; k heads follow q heads in a row.
+    src = (qkv_ptr + tok * stride_qkv_tok + heads * head_dim)[:, None]
 
     inv = 0.0
     w_ptr = q_norm_ptr
     if HAS_NORM:
-        offs_d = tl.arange(0, BLOCK_D)
-        x = tl.load(src + offs_d, mask=offs_d < head_dim, other=0.0)
-        inv = rms_inv(x.to(tl.float32), head_dim, eps)
+        offs_d = tl.arange(0, BLOCK_D)[None, :]
+        x = tl.load(src + offs_d, mask=offs_d < head_dim, other=0.0).to(tl.float32)
+        # rms_inv per row: each row reduces as one row of the norm kernel does.
+        inv = tl.rsqrt(tl.sum(x * x, axis=1) / head_dim + eps)[:, None]
         if is_kv:
             w_ptr = k_norm_ptr
 
     # Rotate-half on registers: reload the two halves (cache hits) rather than permute x.
-    offs_h = tl.arange(0, BLOCK_HALF)
+    offs_h = tl.arange(0, BLOCK_HALF)[None, :]
     mask_h = offs_h < half
     x1 = _load_normed(src, offs_h, mask_h, inv, w_ptr, HAS_NORM, dtype)
     x2 = _load_normed(src, offs_h + half, mask_h, inv, w_ptr, HAS_NORM, dtype)
     pos = tl.load(positions_ptr + tok * stride_pos)
     cos, sin = load_cos_sin(cos_sin_ptr, stride_cs_pos, pos, half, BLOCK_HALF)
-    out1, out2 = rope_pair(x1.to(tl.float32), x2.to(tl.float32), cos, sin)
+    out1, out2 = rope_pair(x1.to(tl.float32), x2.to(tl.float32), cos[None, :], sin[None, :])
     out1 = out1.to(dtype)  # rounded to the activation dtype, as rotary's in-place store does
     out2 = out2.to(dtype)
 
-    offs_r = tl.arange(0, BLOCK_D)
+    offs_r = tl.arange(0, BLOCK_D)[None, :]
     mask_r = (offs_r >= 2 * half) & (offs_r < head_dim)
     if is_kv:
         if slot >= 0:  # a padding row's k/v are never read (its q still is)
             c_dtype = cache_ptr.dtype.element_ty
             dst = slot_address(cache_ptr, slot, block_size, stride_c_block, stride_c_slot)
-            dst += (head - num_q_heads) * stride_c_head
+            dst = (dst + (heads - num_q_heads) * stride_c_head)[:, None]
             tl.store(dst + offs_h, out1.to(c_dtype), mask=mask_h)
             tl.store(dst + half + offs_h, out2.to(c_dtype), mask=mask_h)
             if PARTIAL:
                 rest = _load_normed(src, offs_r, mask_r, inv, w_ptr, HAS_NORM, dtype)
                 tl.store(dst + offs_r, rest.to(c_dtype), mask=mask_r)
             # v head j sits num_kv_heads heads after k head j; it is only copied.
-            offs_d = tl.arange(0, BLOCK_D)
+            offs_d = tl.arange(0, BLOCK_D)[None, :]
             mask_d = offs_d < head_dim
             v = tl.load(src + num_kv_heads * head_dim + offs_d, mask=mask_d)
             tl.store(dst + stride_c_kv + offs_d, v.to(c_dtype), mask=mask_d)
@@ -155,10 +160,19 @@ def _rope_store_head(
             tl.store(src + offs_r, rest, mask=mask_r)
 
 
-def tokens_per_program(num_tokens: int, num_heads: int, device: torch.device) -> int:
-    """Tokens each (tokens, head) program handles: one until the grid is ~4 waves of 32
-    one-warp programs per SM, then more (at most 16)."""
-    return max(1, min(16, cdiv(num_tokens * num_heads, num_sms(device) * 32 * 4)))
+def heads_per_program(num_q_heads: int, num_kv_heads: int) -> int:
+    """Heads in one program's tile: a power of two up to 8 that divides both head counts, so
+    a tile holds q heads only or kv heads only."""
+    n = 8
+    while num_q_heads % n or num_kv_heads % n:
+        n //= 2
+    return n
+
+
+def tokens_per_program(num_tokens: int, warps_per_token: int, device: torch.device) -> int:
+    """Tokens each program handles: one until the grid is ~4 waves of full SMs (64 warps),
+    then more (at most 16)."""
+    return max(1, min(16, cdiv(num_tokens * warps_per_token, num_sms(device) * 64 * 4)))
 
 
 def rope_store_kv(
@@ -236,8 +250,10 @@ def rope_store_kv(
     if num_tokens == 0:
         return q
     block_d = next_power_of_2(head_dim)
-    heads = num_q_heads + num_kv_heads
-    per = tokens_per_prog or tokens_per_program(num_tokens, heads, qkv.device)
+    group = heads_per_program(num_q_heads, num_kv_heads)
+    heads = (num_q_heads + num_kv_heads) // group
+    warps = group * row_num_warps(block_d)  # the norm kernel's warps per row of head_dim
+    per = tokens_per_prog or tokens_per_program(num_tokens, heads * warps, qkv.device)
     _rope_store_kernel[(cdiv(num_tokens, per), heads)](
         qkv,
         positions,
@@ -265,8 +281,8 @@ def rope_store_kv(
         PARTIAL=rotary_dim < head_dim,
         BLOCK_D=block_d,
         BLOCK_HALF=next_power_of_2(rotary_dim // 2),
-        # The norm kernel's warps for a row of head_dim: the same reduction layout and order.
-        num_warps=row_num_warps(block_d),
+        HEADS=group,
+        num_warps=warps,
         USE_PDL=bool(pdl := pdl_options(qkv.device)),
         **pdl,
     )

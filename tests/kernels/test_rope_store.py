@@ -7,7 +7,7 @@ import torch
 
 from kestrel.kernels.kv_store import store_kv
 from kestrel.kernels.norm import rms_norm
-from kestrel.kernels.rope_store import rope_store_kv, tokens_per_program
+from kestrel.kernels.rope_store import heads_per_program, rope_store_kv, tokens_per_program
 from kestrel.kernels.rotary import apply_rotary
 from kestrel.layers.rotary import RotaryEmbedding
 from tests.kernels.paged_refs import rel_err, tolerance
@@ -159,12 +159,15 @@ def test_rope_store_several_tokens_per_program(per, device):
     _check_cache_writes(c, cache)
 
 
-def test_tokens_per_program():
+def test_program_shape():
     cpu = torch.device("cpu")  # nominal 132 SMs
+    assert heads_per_program(32, 8) == 8 and heads_per_program(6, 2) == 2
+    assert heads_per_program(7, 1) == 1
     assert tokens_per_program(1, 40, cpu) == 1
-    assert tokens_per_program(256, 24, cpu) == 1
-    assert tokens_per_program(16384, 24, cpu) == 16
-    assert tokens_per_program(2048, 24, cpu) == 3
+    assert tokens_per_program(256, 40, cpu) == 1
+    assert tokens_per_program(16384, 24, cpu) == 12
+    assert tokens_per_program(2048, 40, cpu) == 3
+    assert tokens_per_program(1 << 20, 40, cpu) == 16
 
 
 def test_rope_store_large_block_ids_mixed_dtypes(device):
