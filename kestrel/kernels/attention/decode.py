@@ -188,11 +188,12 @@ def _merge_splits(out_ptrs, lse_ptrs, final_ptrs, stride_o_split, stride_l_split
         m_new = tl.maximum(m, lse)
         shift = tl.where(m_new > float("-inf"), m_new, 0.0)
         alpha = tl.exp(m - shift)
-        w = tl.exp(lse - shift)  # 0 for an empty split, whose out is never read
-        part = tl.load(out_ptrs + split * stride_o_split,
-                       mask=out_mask & (lse > float("-inf"))[:, None], other=0.0,
+        w = tl.exp(lse - shift)  # 0 for an empty split
+        # Not masked by lse (no wait on it); an empty split's out may be garbage: selected out.
+        part = tl.load(out_ptrs + split * stride_o_split, mask=out_mask, other=0.0,
                        cache_modifier=".cg")
-        acc = acc * alpha[:, None] + w[:, None] * part.to(tl.float32)
+        part = tl.where((lse > float("-inf"))[:, None], part.to(tl.float32), 0.0)
+        acc = acc * alpha[:, None] + w[:, None] * part
         w_sum = w_sum * alpha + w
         m = m_new
     out = acc / tl.maximum(w_sum, 1e-30)[:, None]

@@ -55,27 +55,31 @@ def _merge_states_kernel(
     offs_p = tl.arange(0, BLOCK_P)
     offs_d = tl.arange(0, BLOCK_D)
 
+    in_range = offs_p < num_parts
     lse = tl.load(
         parts_lse_ptr + tok * stride_pl_tok + head * stride_pl_head + offs_p * stride_pl_part,
-        mask=offs_p < num_parts,
+        mask=in_range,
         other=float("-inf"),
     )  # [BLOCK_P]
-    valid = lse > float("-inf")
-    lse_max = tl.max(lse, axis=0)
-    # All parts empty (e.g. a padded request with no context): out = 0, lse = -inf.
-    shift = tl.where(lse_max > float("-inf"), lse_max, 0.0)
-    w = tl.where(valid, tl.exp(lse - shift), 0.0)  # [BLOCK_P]
-    w_sum = tl.sum(w, axis=0)
-
+    # NOTE: issued together with the lse load, not masked by it: on the batch-1 decode path
+    # every dependent load is a memory round trip of latency. An empty part may hold garbage
+    # (even NaN), so it is dropped with a select below, not multiplied by a zero weight.
     part = tl.load(
         parts_out_ptr
         + tok * stride_po_tok
         + head * stride_po_head
         + offs_p[:, None] * stride_po_part
         + offs_d[None, :],
-        mask=valid[:, None] & (offs_d[None, :] < HEAD_DIM),
+        mask=in_range[:, None] & (offs_d[None, :] < HEAD_DIM),
         other=0.0,
     ).to(tl.float32)  # [BLOCK_P, BLOCK_D]
+    valid = lse > float("-inf")
+    lse_max = tl.max(lse, axis=0)
+    # All parts empty (e.g. a padded request with no context): out = 0, lse = -inf.
+    shift = tl.where(lse_max > float("-inf"), lse_max, 0.0)
+    w = tl.where(valid, tl.exp(lse - shift), 0.0)  # [BLOCK_P]
+    w_sum = tl.sum(w, axis=0)
+    part = tl.where(valid[:, None], part, 0.0)
     out = tl.sum(part * w[:, None], axis=0) / tl.maximum(w_sum, 1e-30)  # [BLOCK_D]
     tl.store(
         out_ptr + tok * stride_o_tok + head * stride_o_head + offs_d,
