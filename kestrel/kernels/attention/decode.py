@@ -8,7 +8,7 @@ Must not write the KV cache (kv_store does) or handle queries longer than one to
 
 Split layout for one request of seq_len tokens: each request divides its own context, so a
 short request next to long ones (or under a CUDA graph sized for max_model_len) still spreads
-over the splits; S = cdiv(seq_len, num_splits) rounded up to a multiple of SPLIT_ALIGN:
+over the splits; S = cdiv(seq_len, num_splits) rounded up to a multiple of BLOCK_N:
 
     keys:   [0 ...... S)[S ..... 2S)[2S .. seq_len)   [empty splits: lse = -inf]
     split:        0           1            2                  3 ... num_splits-1
@@ -41,12 +41,6 @@ _LOG2E = 1.4426950408889634
 # merge kernel, which reads them all at once, is faster (one H100, Llama-3-8B at batch 1 with
 # 33 splits: 5.85 ms/token merging in the kernel, 5.56 with the merge kernel).
 FUSED_MERGE_MAX_SPLITS = 4
-
-# Split sizes are multiples of this many keys, not of the tile: a short context then spreads
-# over more splits, each a partly masked tile (masked keys are not read). One H100, Llama-3-8B
-# at batch 1 with 128-640 keys: 32-key splits gave 5.54-5.55 ms/token against 5.55-5.57 for
-# 64-key ones; 16-key splits were slower (5.57-5.58, more partial states to merge).
-SPLIT_ALIGN = 32
 
 
 class DecodeConfig(NamedTuple):
@@ -94,7 +88,6 @@ def _decode_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
-    SPLIT_ALIGN: tl.constexpr,
     HAS_ORDER: tl.constexpr,
     FUSED_MERGE: tl.constexpr,
     USE_PDL: tl.constexpr,
@@ -117,7 +110,7 @@ def _decode_kernel(
     lse_ptrs = lse_ptr + req * stride_l_tok + heads * stride_l_head + split * stride_l_split
 
     seq_len = tl.load(seq_lens_ptr + req)
-    tokens_per_split = tl.cdiv(tl.cdiv(seq_len, tl.num_programs(2)), SPLIT_ALIGN) * SPLIT_ALIGN
+    tokens_per_split = tl.cdiv(tl.cdiv(seq_len, tl.num_programs(2)), BLOCK_N) * BLOCK_N
     start = split * tokens_per_split
     end = tl.minimum(start + tokens_per_split, seq_len)
     out_ptrs = (
@@ -329,7 +322,6 @@ def decode_attention(
         BLOCK_N=cfg.block_n,
         PAGE_SIZE=page_size,
         HAS_ORDER=order is not None,
-        SPLIT_ALIGN=min(SPLIT_ALIGN, cfg.block_n),
         FUSED_MERGE=fused_merge,
         USE_PDL=bool(pdl := pdl_options(q.device)),
         **pdl,
