@@ -3,6 +3,7 @@
 Usage: python benchmarks/profile_engine.py [--workload nano-vllm|batch1|long] [--requests N]
            [--shape qwen3-0.6b] [--max-tokens N] [--temperature T] [--real-lengths]
            [--max-num-batched-tokens N] [--max-num-seqs N] [--plain-runs N]
+           [--warmup-requests N]
 
 Host phases are timed by wrapping the engine's methods (cheaper and less distorting than
 cProfile); the GPU side is the sum of kernel times from torch.profiler over the same workload.
@@ -121,6 +122,8 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=16384)
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--plain-runs", type=int, default=2)
+    ap.add_argument("--warmup-requests", type=int, default=0,
+                    help="requests in the warm-up run (default: the whole workload)")
     ap.add_argument("--real-lengths", action="store_true",
                     help="each request's max_tokens from the workload instead of --max-tokens")
     args = ap.parse_args()
@@ -138,7 +141,9 @@ def main() -> None:
     if args.real_lengths:
         params = [params.clone(max_tokens=n) for n in wl.max_tokens]
         args.max_tokens = sum(wl.max_tokens) // len(wl.max_tokens)
-    llm.generate(wl.prompts, params, use_tqdm=False)  # warm-up
+    k = args.warmup_requests or len(wl.prompts)
+    llm.generate(wl.prompts[:k], params[:k] if isinstance(params, list) else params,
+                 use_tqdm=False)  # warm-up
     report_compiles("warm-up run", compiles)
     for _ in range(args.plain_runs):  # the run-to-run spread, with nothing attached
         t0 = time.perf_counter()
