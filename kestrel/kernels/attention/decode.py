@@ -43,11 +43,6 @@ _LOG2E = 1.4426950408889634
 FUSED_MERGE_MAX_SPLITS = 4
 
 
-# Batches up to this size read their first K/V tile before the PDL wait (None: never). They
-# are latency-bound; big batches stream many tiles per program and keep the plain loop.
-EARLY_KV_MAX_REQS: int | None = 16
-
-
 class DecodeConfig(NamedTuple):
     block_n: int  # keys per inner tile
     num_warps: int
@@ -95,9 +90,9 @@ def _decode_kernel(
     PAGE_SIZE: tl.constexpr,
     HAS_ORDER: tl.constexpr,
     FUSED_MERGE: tl.constexpr,
-    EARLY_KV: tl.constexpr,  # read the first tile before waiting on the previous kernel
     USE_PDL: tl.constexpr,
 ):
+    pdl_wait(USE_PDL)
     # NOTE: kv heads are the fastest grid dim, so programs start request by request; with an
     # order by decreasing context, the last programs to start are the shortest (a short tail).
     kv_head = tl.program_id(0)
@@ -114,25 +109,10 @@ def _decode_kernel(
     d_mask = offs_d < HEAD_DIM
     lse_ptrs = lse_ptr + req * stride_l_tok + heads * stride_l_head + split * stride_l_split
 
-    bt_row = block_table_ptr + req * stride_bt_req
-    head_off = kv_head * stride_c_head
     seq_len = tl.load(seq_lens_ptr + req)
     tokens_per_split = tl.cdiv(tl.cdiv(seq_len, tl.num_programs(2)), BLOCK_N) * BLOCK_N
     start = split * tokens_per_split
     end = tl.minimum(start + tokens_per_split, seq_len)
-    if EARLY_KV:
-        # Before the PDL wait (the previous kernel, which stores this step's K/V, may still be
-        # running) only step inputs and keys of earlier steps are read: the first tile, less
-        # the new key at seq_len - 1. Latency-bound batches then fetch it off the chain.
-        offs_n0 = start + tl.arange(0, BLOCK_N)
-        in0 = offs_n0 < end
-        old0 = (in0 & (offs_n0 < seq_len - 1))[:, None] & d_mask[None, :]
-        block0 = tl.load(bt_row + offs_n0 // PAGE_SIZE, mask=in0, other=0).to(tl.int64)
-        ptrs0 = (cache_ptr + (block0 * stride_c_block + (offs_n0 % PAGE_SIZE) * stride_c_slot
-                              + head_off)[:, None] + offs_d[None, :])
-        k0 = tl.load(ptrs0, mask=old0, other=0.0)
-        v0 = tl.load(ptrs0 + stride_c_kv, mask=old0, other=0.0)
-    pdl_wait(USE_PDL)
     out_ptrs = (
         out_ptr
         + req * stride_o_tok
@@ -149,22 +129,10 @@ def _decode_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    bt_row = block_table_ptr + req * stride_bt_req
+    head_off = kv_head * stride_c_head
 
-    loop_start = start
-    if EARLY_KV:
-        loop_start = start + BLOCK_N
-        if start < end:
-            new0 = (offs_n0 == seq_len - 1)[:, None] & d_mask[None, :]
-            k0 = tl.where(new0, tl.load(ptrs0, mask=new0, other=0.0), k0)
-            v0 = tl.where(new0, tl.load(ptrs0 + stride_c_kv, mask=new0, other=0.0), v0)
-            s0 = tl.dot(q, tl.trans(k0)) * qk_scale
-            s0 = tl.where(in0[None, :], s0, float("-inf"))
-            m_i = tl.max(s0, axis=1)  # the first tile: no running state to rescale
-            p0 = tl.exp2(s0 - m_i[:, None])
-            l_i = tl.sum(p0, axis=1)
-            acc = tl.dot(p0.to(v0.dtype), v0)
-
-    for n0 in range(loop_start, end, BLOCK_N):
+    for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < end
         block = tl.load(bt_row + offs_n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
@@ -355,7 +323,6 @@ def decode_attention(
         PAGE_SIZE=page_size,
         HAS_ORDER=order is not None,
         FUSED_MERGE=fused_merge,
-        EARLY_KV=EARLY_KV_MAX_REQS is not None and num_reqs <= EARLY_KV_MAX_REQS,
         USE_PDL=bool(pdl := pdl_options(q.device)),
         **pdl,
         num_warps=cfg.num_warps,
