@@ -56,17 +56,20 @@ class EngineObserver:
 
 
 class RequestStream:
-    """The outputs of one request, in order, as an async iterator.
+    """The outputs of one request, in order, as an async iterator, of the `output_kind` it was
+    added with ("cumulative" or "delta").
 
-    When the consumer lags, outputs that queued up are merged into the newest one (its
-    cumulative fields are already complete; the `delta_text`s are concatenated), so a stream
-    never falls further behind than one item. Raises `EngineDeadError` if the engine dies.
+    When the consumer lags, outputs that queued up are merged into one (cumulative: the newest,
+    whose token lists are complete; delta: token ids, logprobs and text concatenated; both:
+    the `delta_text`s concatenated), so a stream never falls further behind than one item.
+    Raises `EngineDeadError` if the engine dies.
     """
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], engine: AsyncEngine,
-                 queue: asyncio.Queue) -> None:
+                 queue: asyncio.Queue, output_kind: str = "cumulative") -> None:
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
+        self.output_kind = output_kind
         self.finished = False
         self._engine = engine
         self._queue = queue
@@ -84,7 +87,7 @@ class RequestStream:
         if error is not None:
             self.finished = True
             raise error
-        out = _merge(items)
+        out = _merge(items, self.output_kind == "delta")
         self.finished = out.finished
         return out
 
@@ -95,13 +98,17 @@ class RequestStream:
             self._engine.abort(self.request_id)
 
 
-def _merge(items: list[RequestOutput]) -> RequestOutput:
+def _merge(items: list[RequestOutput], delta: bool) -> RequestOutput:
     last = items[-1]
     if len(items) > 1:
         for comp in last.outputs:
-            comp.delta_text = "".join(
-                o.outputs[comp.index].delta_text for o in items if comp.index < len(o.outputs)
-            )
+            parts = [o.outputs[comp.index] for o in items if comp.index < len(o.outputs)]
+            comp.delta_text = "".join(c.delta_text for c in parts)
+            if delta:
+                comp.text = "".join(c.text for c in parts)
+                comp.token_ids = [t for c in parts for t in c.token_ids]
+                if any(c.logprobs is not None for c in parts):
+                    comp.logprobs = [lp for c in parts for lp in c.logprobs or []]
     return last
 
 
@@ -186,9 +193,12 @@ class AsyncEngine:
         add_special_tokens: bool = True,
         prompt_text: str | None = None,
         extra_key: str | None = None,
+        output_kind: str = "cumulative",
     ) -> RequestStream:
         """Queue a request. Raises ValueError for bad input (nothing is queued),
-        QueueFullError when the waiting queue is full, EngineDeadError when the engine died."""
+        QueueFullError when the waiting queue is full, EngineDeadError when the engine died.
+        output_kind "delta" yields only what is new in each output (token ids, logprobs,
+        text): no step copies a request's whole output, which is what a server wants."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -201,8 +211,9 @@ class AsyncEngine:
                 )
             ids = engine.add_request(request_id, prompt, params, priority=priority,
                                      add_special_tokens=add_special_tokens,
-                                     prompt_text=prompt_text, extra_key=extra_key)
-            stream = RequestStream(request_id, ids, self, queue)
+                                     prompt_text=prompt_text, extra_key=extra_key,
+                                     output_kind=output_kind)
+            stream = RequestStream(request_id, ids, self, queue, output_kind)
             self._tracked[request_id] = _Tracked(stream, loop, time.monotonic(), len(ids))
             return stream
 
@@ -308,6 +319,8 @@ class AsyncEngine:
 
     def _observe(self, tracked: _Tracked, out: RequestOutput, now: float) -> None:
         num = sum(len(c.token_ids) for c in out.outputs)
+        if tracked.stream.output_kind == "delta":
+            num += tracked.num_generated
         new = num - tracked.num_generated
         try:
             if new > 0:

@@ -14,6 +14,7 @@ import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from starlette.requests import Request
@@ -23,7 +24,7 @@ from starlette.types import Receive, Scope, Send
 from kestrel.engine.async_engine import AsyncEngine, RequestStream
 from kestrel.entrypoints.openai.errors import APIError, from_exception
 from kestrel.entrypoints.openai.protocol import PromptTokensDetails, Usage
-from kestrel.outputs import RequestOutput
+from kestrel.outputs import CompletionOutput, RequestOutput
 from kestrel.sampling_params import SamplingParams
 
 T = TypeVar("T")
@@ -65,14 +66,16 @@ class OpenAIServing:
         params: SamplingParams,
         priority: int = 0,
     ) -> list[RequestStream]:
-        """One engine request per prompt (each fans out to params.n samples). If any prompt
-        is refused, the ones already queued are aborted and the error is raised."""
+        """One engine request per prompt (each fans out to params.n samples), streaming delta
+        outputs (`Accumulator` rebuilds whole ones). If any prompt is refused, the ones
+        already queued are aborted and the error is raised."""
         streams: list[RequestStream] = []
         try:
             for i, (ids, text) in enumerate(prompts):
                 rid = base_id if len(prompts) == 1 else f"{base_id}-{i}"
                 streams.append(await self.engine.add_request(
-                    rid, ids, params, priority=priority, prompt_text=text))
+                    rid, ids, params, priority=priority, prompt_text=text,
+                    output_kind="delta"))
         except BaseException:
             for stream in streams:
                 stream.abort()
@@ -119,13 +122,41 @@ async def merge_streams(streams: list[RequestStream]
             stream.abort()
 
 
+class Accumulator:
+    """The whole output of one request, rebuilt from its delta outputs."""
+
+    def __init__(self) -> None:
+        self._comps: dict[int, CompletionOutput] = {}
+        self._last: RequestOutput | None = None
+
+    def add(self, out: RequestOutput) -> None:
+        for comp in out.outputs:
+            acc = self._comps.get(comp.index)
+            if acc is None:
+                acc = self._comps[comp.index] = CompletionOutput(comp.index, "", [])
+            acc.text += comp.text
+            acc.token_ids.extend(comp.token_ids)
+            if comp.logprobs is not None:
+                acc.logprobs = acc.logprobs if acc.logprobs is not None else []
+                acc.logprobs.extend(comp.logprobs)
+            acc.cumulative_logprob = comp.cumulative_logprob
+            acc.finish_reason, acc.stop_reason = comp.finish_reason, comp.stop_reason
+        self._last = out
+
+    @property
+    def finished(self) -> bool:
+        return self._last is not None and self._last.finished
+
+    def result(self) -> RequestOutput:
+        assert self._last is not None, "no output yet"
+        return replace(self._last, outputs=[self._comps[i] for i in sorted(self._comps)])
+
+
 async def collect_final(streams: list[RequestStream]) -> list[RequestOutput]:
-    finals: list[RequestOutput | None] = [None] * len(streams)
+    accs = [Accumulator() for _ in streams]
     async for i, out in merge_streams(streams):
-        if out.finished:
-            finals[i] = out
-    assert all(f is not None for f in finals)
-    return finals  # type: ignore[return-value]
+        accs[i].add(out)
+    return [acc.result() for acc in accs]
 
 
 async def _wait_disconnect(receive: Receive) -> None:

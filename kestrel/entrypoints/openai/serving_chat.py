@@ -28,6 +28,7 @@ from kestrel.entrypoints.openai.protocol import (
     TopLogprob,
 )
 from kestrel.entrypoints.openai.serving_base import (
+    Accumulator,
     EventStreamResponse,
     OpenAIServing,
     collect_final,
@@ -98,12 +99,12 @@ class ServingChat(OpenAIServing):
         yield {**head, "choices": [
             {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
              "finish_reason": None} for i in range(request.n)]}
-        sent = [0] * request.n
-        final = None
+        whole = Accumulator()  # for the usage chunk
         async for _, out in merge_streams(streams):
+            whole.add(out)
             choices = []
-            for comp in out.outputs:
-                start, new_tokens = sent[comp.index], comp.token_ids[sent[comp.index]:]
+            for comp in out.outputs:  # deltas: what is new since the previous output
+                new_tokens = comp.token_ids
                 wants_logprobs = request.logprobs and new_tokens
                 if not (comp.delta_text or wants_logprobs or comp.finished):
                     continue
@@ -113,16 +114,13 @@ class ServingChat(OpenAIServing):
                 if comp.finished:
                     choice["stop_reason"] = comp.stop_reason
                 if wants_logprobs:
-                    choice["logprobs"] = _logprobs((comp.logprobs or [])[start:], new_tokens,
+                    choice["logprobs"] = _logprobs(comp.logprobs or [], new_tokens,
                                                    request.top_logprobs).model_dump()
-                sent[comp.index] = len(comp.token_ids)
                 choices.append(choice)
-            if out.finished:
-                final = out
             if choices:
                 yield {**head, "choices": choices}
-        if request.include_usage and final is not None:
-            yield {**head, "choices": [], "usage": make_usage([final]).model_dump()}
+        if request.include_usage and whole.finished:
+            yield {**head, "choices": [], "usage": make_usage([whole.result()]).model_dump()}
 
 
 def _logprobs(entries: list[dict[int, Logprob]], token_ids: list[int], top: int | None

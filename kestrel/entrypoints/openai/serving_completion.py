@@ -23,6 +23,7 @@ from kestrel.entrypoints.openai.protocol import (
     CompletionResponse,
 )
 from kestrel.entrypoints.openai.serving_base import (
+    Accumulator,
     EventStreamResponse,
     OpenAIServing,
     collect_final,
@@ -98,37 +99,35 @@ class ServingCompletion(OpenAIServing):
                       streams: list[RequestStream], texts: list[str]) -> AsyncIterator[Any]:
         created = int(time.time())
         n = request.n
-        sent: dict[int, int] = {}  # choice index -> tokens already sent
-        finals: dict[int, RequestOutput] = {}
+        started: set[int] = set()  # choice indices with a chunk sent
+        wholes = [Accumulator() for _ in streams]  # for the usage chunk
         async for i, out in merge_streams(streams):
+            wholes[i].add(out)
             choices = []
-            for comp in out.outputs:
+            for comp in out.outputs:  # deltas: what is new since the previous output
                 index = i * n + comp.index
-                first = index not in sent
-                start = sent.get(index, 0)
-                new_tokens = comp.token_ids[start:]
+                first = index not in started
+                new_tokens = comp.token_ids
                 if not (first and request.echo) and not comp.delta_text and not (
                     new_tokens and request.logprobs is not None) and not comp.finished:
                     continue
                 text, logprobs = comp.delta_text, None
                 if request.logprobs is not None:
-                    logprobs = _logprobs((comp.logprobs or [])[start:], new_tokens, 0)
+                    logprobs = _logprobs(comp.logprobs or [], new_tokens, 0)
                 if first and request.echo:
                     text = texts[i] + text
                     if logprobs is not None:
                         logprobs = self._echo_logprobs(out, texts[i], logprobs)
-                sent[index] = len(comp.token_ids)
+                started.add(index)
                 choices.append({"index": index, "text": text,
                                 "logprobs": logprobs.model_dump() if logprobs else None,
                                 "finish_reason": comp.finish_reason,
                                 "stop_reason": comp.stop_reason})
-            if out.finished:
-                finals[i] = out
             if choices:
                 yield {"id": rid, "object": "text_completion", "created": created,
                        "model": model, "choices": choices}
-        if request.include_usage:
-            usage = make_usage([finals[i] for i in sorted(finals)])
+        if request.include_usage and all(w.finished for w in wholes):
+            usage = make_usage([w.result() for w in wholes])
             yield {"id": rid, "object": "text_completion", "created": created, "model": model,
                    "choices": [], "usage": usage.model_dump()}
 
