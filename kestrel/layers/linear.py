@@ -31,14 +31,34 @@ def default_weight_loader(
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x W^T (+ b). On CUDA, one-row inputs in 16-bit (batch-1 decode) take the Triton GEMV,
-    which streams the weight 5-13% faster than cuBLAS at 0.6B-8B shapes on one H100; from two
-    rows on cuBLAS is as fast or faster (benchmarks/kernels/bench_decode_small.py)."""
+    """x W^T (+ b). On CUDA in 16-bit: one row (batch-1 decode) takes the Triton GEMV, which
+    streams the weight 5-13% faster than cuBLAS at 0.6B-8B shapes on one H100
+    (benchmarks/kernels/bench_decode_small.py); 2-16 rows against a small weight take the
+    skinny Triton GEMM (see `takes_gemm`); the rest cuBLAS."""
     if takes_gemv(x):
         from kestrel.kernels.gemv import gemv
 
         return gemv(x, weight, bias)
+    if takes_gemm(x, weight):
+        from kestrel.kernels.gemm import gemm
+
+        return gemm(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+# Rows and weight size up to which the Triton GEMM replaces cuBLAS. One H100, every layer's
+# four projections in one CUDA graph (benchmarks/kernels/bench_gemm.py): Qwen3-0.6B at 2-16
+# rows 1.16-1.18x faster (its launches overlap under PDL; these GEMMs are latency-bound), at 32
+# rows 1.08x, at 64 0.93x; Llama-3-8B (33-235 MB weights, bandwidth-bound) 0.94x at 2-32 rows.
+GEMM_MAX_ROWS = 16
+GEMM_MAX_WEIGHT_BYTES = 16 << 20
+
+
+def takes_gemm(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """True for the inputs `linear` sends to the Triton skinny GEMM."""
+    return (x.is_cuda and x.dim() == 2 and 2 <= x.shape[0] <= GEMM_MAX_ROWS
+            and x.dtype in _GEMV_DTYPES
+            and weight.numel() * weight.element_size() <= GEMM_MAX_WEIGHT_BYTES)
 
 
 def takes_gemv(x: torch.Tensor) -> bool:
