@@ -2,9 +2,10 @@
 
     python benchmarks/kernels/bench_gemm.py [--sweep]
 
-Shape rows: each projection of Qwen3-0.6B and Llama-3-8B at decode batches of 8-256 rows,
+Shape rows: each projection of Qwen3-0.6B and Llama-3-8B at decode batches of 2-256 rows,
 one kernel per graph replay, L2 flushed (TB/s counts weight bytes; TFLOP/s the product).
-Chain rows: the 4 projections of every layer of Qwen3-0.6B or Llama-3-8B in one CUDA graph, as a decode step runs them, so the launch gaps between kernels count; under
+Chain rows: the 4 projections of every layer of Qwen3-0.6B or Llama-3-8B in one CUDA graph,
+as a decode step runs them, so the launch gaps between kernels count; under
 programmatic dependent launch the Triton GEMM's programs are scheduled while the previous
 one drains. `--sweep` times every tile config at 8, 16 and 32 rows to choose the heuristic.
 """
@@ -85,7 +86,7 @@ def chain_rows(model: str):
     for m in (2, 4, 8, 16, 32, 64, 128, 256):
         xs = [torch.randn(m, SHAPES[s][1], device="cuda", dtype=DTYPE) for s in layer]
 
-        def step(fn):
+        def step(fn, xs=xs):
             for ws in layers:
                 for x, w in zip(xs, ws, strict=True):
                     fn(x, w)

@@ -18,14 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kestrel.kernels.utils import (
-    cdiv,
-    check_dtype,
-    check_last_dim_contiguous,
-    num_sms,
-    pdl_options,
-    pdl_wait,
-)
+from kestrel.kernels.utils import cdiv, check_x_weight, num_sms, pdl_options, pdl_wait
 
 # Rows of x this kernel takes; larger batches are compute-bound and go to cuBLAS.
 MAX_ROWS = 256
@@ -182,13 +175,7 @@ def gemm(
     assert x.dim() == 2, f"x must be [m, k], got {tuple(x.shape)}"
     m, k = x.shape
     assert m <= MAX_ROWS, f"x has {m} rows, at most {MAX_ROWS}"
-    assert weight.dim() == 2 and weight.shape[1] == k, (
-        f"x {tuple(x.shape)} weight {tuple(weight.shape)}"
-    )
-    assert x.dtype == weight.dtype, f"x {x.dtype} vs weight {weight.dtype}"
-    check_dtype("x", x)
-    check_last_dim_contiguous("x", x)
-    check_last_dim_contiguous("weight", weight)
+    check_x_weight(x, weight, k)
     n = weight.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m > 0:

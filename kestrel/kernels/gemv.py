@@ -15,13 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kestrel.kernels.utils import (
-    cdiv,
-    check_dtype,
-    check_last_dim_contiguous,
-    pdl_options,
-    pdl_wait,
-)
+from kestrel.kernels.utils import cdiv, check_x_weight, pdl_options, pdl_wait
 
 # Rows of x handled per launch; larger batches go to cuBLAS (they are no longer GEMV-shaped).
 MAX_ROWS = 4
@@ -133,16 +127,6 @@ def gemv_tiles(n: int, k: int, m: int = 1) -> tuple[int, int, int]:
     if m > 2:  # four float32 accumulators: halve the tile to keep them in registers
         block_k = max(block_k // 2, 16)
     return block_n, block_k, warps
-
-
-def check_x_weight(x: torch.Tensor, weight: torch.Tensor, k: int) -> None:
-    assert weight.dim() == 2 and weight.shape[1] == k, (
-        f"x {tuple(x.shape)} weight {tuple(weight.shape)}"
-    )
-    assert x.dtype == weight.dtype, f"x {x.dtype} vs weight {weight.dtype}"
-    check_dtype("x", x)
-    check_last_dim_contiguous("x", x)
-    check_last_dim_contiguous("weight", weight)
 
 
 def check_vector(name: str, t: torch.Tensor, size: int) -> None:

@@ -15,7 +15,6 @@ import triton.language as tl
 
 from kestrel.kernels.gemv import (
     check_vector,
-    check_x_weight,
     gemv_tiles,
     load_k,
     load_w,
@@ -24,6 +23,7 @@ from kestrel.kernels.gemv import (
 from kestrel.kernels.utils import (
     cdiv,
     check_last_dim_contiguous,
+    check_x_weight,
     pdl_options,
     pdl_wait,
 )

@@ -57,6 +57,17 @@ def check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
     assert t.stride(-1) == 1, f"{name}: last dim must be contiguous, strides {t.stride()}"
 
 
+def check_x_weight(x: torch.Tensor, weight: torch.Tensor, k: int) -> None:
+    """x [m, k] and weight [n, k] of a linear kernel: same float dtype, rows contiguous."""
+    assert weight.dim() == 2 and weight.shape[1] == k, (
+        f"x {tuple(x.shape)} weight {tuple(weight.shape)}"
+    )
+    assert x.dtype == weight.dtype, f"x {x.dtype} vs weight {weight.dtype}"
+    check_dtype("x", x)
+    check_last_dim_contiguous("x", x)
+    check_last_dim_contiguous("weight", weight)
+
+
 @functools.lru_cache(maxsize=8)
 def _pdl_ok(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9 and os.environ.get("KESTREL_PDL") != "0"
