@@ -50,6 +50,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 # four projections in one CUDA graph (benchmarks/kernels/bench_gemm.py): Qwen3-0.6B at 2-16
 # rows 1.16-1.18x faster (its launches overlap under PDL; these GEMMs are latency-bound), at 32
 # rows 1.08x, at 64 0.93x; Llama-3-8B (33-235 MB weights, bandwidth-bound) 0.94x at 2-32 rows.
+# The row limit is a CUDA-graph bucket, so a decode step and its graph replay pick the same kernel.
 GEMM_MAX_ROWS = 16
 GEMM_MAX_WEIGHT_BYTES = 16 << 20
 
