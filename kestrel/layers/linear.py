@@ -33,7 +33,7 @@ def default_weight_loader(
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x W^T (+ b). On CUDA in 16-bit: one row (batch-1 decode) takes the Triton GEMV, which
     streams the weight 5-13% faster than cuBLAS at 0.6B-8B shapes on one H100
-    (benchmarks/kernels/bench_decode_small.py); 2-16 rows against a small weight take the
+    (benchmarks/kernels/bench_decode_small.py); 2-32 rows against a small weight take the
     skinny Triton GEMM (see `takes_gemm`); the rest cuBLAS."""
     if takes_gemv(x):
         from kestrel.kernels.gemv import gemv
@@ -50,8 +50,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 # four projections in one CUDA graph (benchmarks/kernels/bench_gemm.py): Qwen3-0.6B at 2-16
 # rows 1.16-1.18x faster (its launches overlap under PDL; these GEMMs are latency-bound), at 32
 # rows 1.08x, at 64 0.93x; Llama-3-8B (33-235 MB weights, bandwidth-bound) 0.94x at 2-32 rows.
-# The row limit is a CUDA-graph bucket, so a decode step and its graph replay pick the same kernel.
-GEMM_MAX_ROWS = 16
+# End to end, 32 rows gained 2.4% at 24 requests and were even at 32. The row limit is a
+# CUDA-graph bucket, so a decode step and its graph replay pick the same kernel.
+GEMM_MAX_ROWS = 32
 GEMM_MAX_WEIGHT_BYTES = 16 << 20
 
 

@@ -57,7 +57,7 @@ def test_gemm_rejects_wide_batches(device):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [2, 7, 64, 129, 256])
+@pytest.mark.parametrize("m", [2, 7, 32, 64, 129, 256])
 @pytest.mark.parametrize("n, k", [(4096, 1024), (1024, 3072), (6144, 4096), (151936, 1024)])
 def test_gemm_bf16_real_shapes(m, n, k):
     gen = torch.Generator().manual_seed(m + n)
