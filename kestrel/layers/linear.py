@@ -57,10 +57,16 @@ GEMM_MAX_WEIGHT_BYTES = 16 << 20
 
 
 def takes_gemm(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """True for the inputs `linear` sends to the Triton skinny GEMM."""
-    return (x.is_cuda and x.dim() == 2 and 2 <= x.shape[0] <= GEMM_MAX_ROWS
+    """True for the inputs `linear` sends to the Triton skinny GEMM. Only where it launches
+    with programmatic dependent launch (Hopper and later, KESTREL_PDL not 0): without it the
+    kernel alone is no faster than cuBLAS."""
+    if not (x.is_cuda and x.dim() == 2 and 2 <= x.shape[0] <= GEMM_MAX_ROWS
             and x.dtype in _GEMV_DTYPES
-            and weight.numel() * weight.element_size() <= GEMM_MAX_WEIGHT_BYTES)
+            and weight.numel() * weight.element_size() <= GEMM_MAX_WEIGHT_BYTES):
+        return False
+    from kestrel.kernels.utils import pdl_options
+
+    return bool(pdl_options(x.device))
 
 
 def takes_gemv(x: torch.Tensor) -> bool:

@@ -75,7 +75,10 @@ def test_linear_sends_only_small_cuda_batches_to_gemm(device):
     dtype = torch.bfloat16
     small_w = torch.zeros(4096, 1024, dtype=dtype, device=device)
     x = torch.zeros(8, 1024, dtype=dtype, device=device)
-    assert takes_gemm(x, small_w) == (device.type == "cuda")
+    from kestrel.kernels.utils import pdl_options
+
+    # Only where the GEMM can join the programmatic-dependent-launch chain (Hopper+).
+    assert takes_gemm(x, small_w) == bool(pdl_options(device))
     assert not takes_gemm(x[:1], small_w)  # one row: the GEMV
     wide = torch.zeros(GEMM_MAX_ROWS + 1, 1024, dtype=dtype, device=device)
     assert not takes_gemm(wide, small_w)
