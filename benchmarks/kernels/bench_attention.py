@@ -23,7 +23,13 @@ from bench_utils import (
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kestrel.kernels.attention.decode import DecodeConfig, choose_num_splits, decode_attention
-from kestrel.kernels.attention.prefill import PrefillConfig, _prefill_kernel, prefill_attention
+from kestrel.kernels.attention.prefill import (
+    PrefillConfig,
+    _prefill_kernel,
+    default_prefill_config,
+    prefill_attention,
+)
+from kestrel.kernels.attention.prefill_hopper import takes_hopper_prefill
 from kestrel.kernels.kv_store import store_kv
 
 DTYPE = torch.bfloat16
@@ -149,6 +155,16 @@ def run_prefill(inputs, config=None, peers=True):
     ref = flash(*sdpa_in[0]).transpose(1, 2).reshape(-1, hq, d) if flash else None
     err = _rel_err(ours(*inputs[0]), ref) if ref is not None else float("nan")
     ms = {"kestrel": bench_rotating(ours, inputs)}
+    q0 = inputs[0][0].view(-1, hq, d)
+    if config is None and takes_hopper_prefill(q0, inputs[0][3], q0):
+        # The Hopper kernel ran; time the portable Triton kernel too.
+        portable = default_prefill_config(inputs[0][0].device, d, seq)
+        ms["kestrel-triton"] = bench_rotating(
+            lambda q, k, v, cache, bt: prefill_attention(
+                q.view(-1, hq, d), cache, bt, qsl, seq_lens, seq, d**-0.5, config=portable
+            ),
+            inputs,
+        )
     if peers:
         for name in SDPA_BACKENDS:
             fn = _sdpa(name, *sdpa_in[0], causal=True, gqa=hq != hkv)
@@ -257,6 +273,30 @@ def main() -> None:
             [(n, ms[n], rate[n], rate[n] / mm) for n in rate],
         )
         print(f"kestrel rel err vs SDPA flash: {err:.2e}")
+    extend()
+
+
+def extend(batch=4, prefix=3072, chunk=1024, hq=32, hkv=8, d=128) -> None:
+    """A chunked-prefill step: `chunk` queries per request on a cached `prefix`."""
+    seq = prefix + chunk
+    inputs = [(x[0][:, prefix:].contiguous(), *x[1:]) for x in make_prefill_inputs(
+        batch, seq, hq, hkv, d)]
+    qsl = torch.arange(0, batch + 1, device="cuda", dtype=torch.int32) * chunk
+    seq_lens = torch.full((batch,), seq, dtype=torch.int32, device="cuda")
+    flops = 4 * batch * hq * d * (chunk * prefix + chunk * chunk / 2)
+    portable = default_prefill_config(inputs[0][0].device, d, chunk)
+    outs, ms = {}, {}
+    for name, cfg in (("kestrel", None), ("kestrel-triton", portable)):
+        def run(q, k, v, cache, bt, cfg=cfg):
+            return prefill_attention(q.view(-1, hq, d), cache, bt, qsl, seq_lens, chunk,
+                                     d**-0.5, config=cfg)
+        outs[name] = run(*inputs[0])
+        ms[name] = bench_rotating(run, inputs)
+    print(f"\n# extend: {batch} x {chunk} queries on a {prefix}-token prefix, {hq} q / {hkv} kv "
+          "heads, d 128, bf16, page 16")
+    print_table(["impl", "ms", "TFLOP/s"], [(n, ms[n], flops / ms[n] / 1e9) for n in ms])
+    err = _rel_err(outs["kestrel"], outs["kestrel-triton"])
+    print(f"kestrel vs kestrel-triton rel err: {err:.2e}")
 
 
 if __name__ == "__main__":

@@ -264,6 +264,8 @@ def prefill_attention(
         scale: softmax scale.
         out: optional [num_tokens, num_q_heads, head_dim] buffer; rows outside every request
             are left untouched.
+        config: tile shape for this (portable) kernel; None also lets an sm_90 GPU take the
+            Hopper kernel in prefill_hopper.py.
 
     Returns:
         [num_tokens, num_q_heads, head_dim] in q.dtype.
@@ -285,6 +287,13 @@ def prefill_attention(
     check_last_dim_contiguous("out", out)
     if num_reqs == 0 or max_query_len == 0:
         return out
+    if config is None and q.is_cuda:
+        from kestrel.kernels.attention import prefill_hopper as hopper
+
+        if hopper.takes_hopper_prefill(q, kv_cache, out):
+            return hopper.hopper_prefill_attention(
+                q, kv_cache, block_table, query_start_loc, seq_lens, max_query_len, scale, out
+            )
 
     cfg = config or default_prefill_config(q.device, head_dim, max_query_len)
     grid = (num_q_heads, cdiv(max_query_len, cfg.block_m), num_reqs)

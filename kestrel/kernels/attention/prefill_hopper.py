@@ -1,0 +1,248 @@
+"""Varlen causal prefill/extend attention over the paged KV cache for Hopper (sm_90), in Gluon.
+
+Owns the Hopper kernel behind `prefill_attention`: same inputs, same results up to rounding as
+the portable Triton kernel in prefill.py, which stays the path everywhere else (and the one the
+CPU interpreter runs). Must not write the cache or know how the batch was scheduled.
+
+Why a second kernel: the Triton one stops at ~56% of the matmul rate on an H100 because each
+tile's softmax (exp2 on the MUFU, FP32 max/sum/rescale) runs after its QK^T and before its PV,
+never under them. Written with explicit async warpgroup MMAs, tile j's softmax runs while the
+tensor cores do tile j-1's PV (FlashAttention-3's intra-warpgroup overlap), and two 64-row
+programs share an SM, so one program's softmax also runs under the other's MMAs. K/V pages come
+through TMA, one box per page, into a 3-stage ring; no pointer tensors are built for the gather.
+
+Per program: BLOCK_M query rows of one query head of one request. Key tiles are visited from
+the diagonal down, so only the first one or two (the tiles crossing the diagonal) are masked.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+BLOCK_M = 64  # query rows per program (one warpgroup, wgmma M = 64)
+BLOCK_N = 64  # keys per tile
+STAGES = 3  # K/V ring depth: 3 x 32 KB + 16 KB of Q at head_dim 128, two programs per SM
+NUM_WARPS = 4
+
+_GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
+
+
+@gluon.jit
+def _softmax_tile(s, m_i, l_i, q_pos, k_pos, qk_scale, MASK: gl.constexpr):
+    """Online-softmax update for one score tile: (p, alpha, m, l) with the scale folded into
+    one FMA per score (qk_scale > 0, so the row max commutes with it)."""
+    if MASK:
+        s = gl.where(gl.expand_dims(k_pos, 0) <= gl.expand_dims(q_pos, 1), s, -float("inf"))
+        m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
+        # A row with no visible key yet keeps m = -inf; subtract 0 instead (p = alpha = 0).
+        m_use = gl.where(m_new == -float("inf"), 0.0, m_new)
+    else:
+        m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
+        m_use = m_new
+    alpha = gl.exp2(m_i - m_use)
+    p = gl.exp2(s * qk_scale - gl.expand_dims(m_use, 1))
+    l_i = l_i * alpha + gl.sum(p, axis=1)
+    return p, alpha, m_new, l_i
+
+
+@gluon.jit
+def _load_kv(k_desc, v_desc, bars, k_smem, v_smem, bt_ptr, t, n_tiles, last_page, kv_col,
+             PAGE: gl.constexpr, SUB: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """TMA of the t-th visited key tile (key tile n_tiles - 1 - t) into ring stage t % STAGES:
+    one [SUB, head_dim] box per page (or page part), all completing one barrier."""
+    stage = t % STAGES
+    ok = t < n_tiles
+    key0 = (n_tiles - 1 - t) * BLOCK_N
+    bar = bars.index(stage)
+    mbarrier.expect(bar, 2 * k_desc.block_type.nbytes * (BLOCK_N // SUB), pred=ok)
+    for i in gl.static_range(BLOCK_N // SUB):
+        key = key0 + i * SUB
+        # Pages past the context are clamped to its last page: those keys are masked, and the
+        # block table holds no valid id there.
+        page = gl.minimum(key // PAGE, last_page)
+        row = gl.load(bt_ptr + page, mask=ok, other=0) * PAGE + key % PAGE  # int32: TMA
+        tma.async_copy_global_to_shared(k_desc, [row, kv_col], bar,
+                                        k_smem.index(stage).slice(i * SUB, SUB), pred=ok)
+        tma.async_copy_global_to_shared(v_desc, [row, kv_col], bar,
+                                        v_smem.index(stage).slice(i * SUB, SUB), pred=ok)
+
+
+@gluon.jit
+def _prefill_kernel(
+    q_desc, k_desc, v_desc, out_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, qk_scale,
+    stride_o_tok, stride_o_head, stride_bt_req,
+    GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, PAGE: gl.constexpr, SUB: gl.constexpr,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
+):
+    head = gl.program_id(0)
+    # Row tiles run last first: the longest key ranges start first, the short ones fill the tail.
+    m0 = (gl.num_programs(1) - 1 - gl.program_id(1)) * BLOCK_M
+    req = gl.program_id(2)
+    q_start = gl.load(qsl_ptr + req)
+    q_len = gl.load(qsl_ptr + req + 1) - q_start
+    if m0 < q_len:
+        seq_len = gl.load(seq_lens_ptr + req)
+        pos0 = seq_len - q_len + m0  # context position of the tile's first row
+        n_tiles = gl.cdiv(gl.minimum(pos0 + BLOCK_M, seq_len), BLOCK_N)
+        n_masked = n_tiles - (pos0 + 1) // BLOCK_N  # tiles crossing the diagonal: 0, 1 or 2
+        last_page = (seq_len - 1) // PAGE
+        kv_col = (head // GROUP) * HEAD_DIM
+        bt_row = bt_ptr + req.to(gl.int64) * stride_bt_req
+
+        s_l: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16])
+        o_l: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, HEAD_DIM, 16])
+        p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2)
+        dtype: gl.constexpr = q_desc.dtype
+
+        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(bars.index(i), count=1)
+
+        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [q_start + m0, head * HEAD_DIM], q_bar, q_smem)
+        for i in gl.static_range(STAGES):
+            _load_kv(k_desc, v_desc, bars, k_smem, v_smem, bt_row, i, n_tiles, last_page,
+                     kv_col, PAGE, SUB, BLOCK_N, STAGES)
+
+        q_pos = pos0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_l))
+        k_off = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_l))
+        m_i = gl.full([BLOCK_M], -float("inf"), gl.float32, layout=gl.SliceLayout(1, s_l))
+        l_i = gl.zeros([BLOCK_M], gl.float32, layout=gl.SliceLayout(1, s_l))
+        acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_l)
+        s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_l)
+
+        # First visited tile: S, its softmax, no PV in flight yet.
+        mbarrier.wait(q_bar, 0)
+        mbarrier.wait(bars.index(0), 0)
+        s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False,
+                          is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+        k_pos = (n_tiles - 1) * BLOCK_N + k_off
+        if n_masked > 0:
+            p, alpha, m_i, l_i = _softmax_tile(s, m_i, l_i, q_pos, k_pos, qk_scale, True)
+        else:
+            p, alpha, m_i, l_i = _softmax_tile(s, m_i, l_i, q_pos, k_pos, qk_scale, False)
+        p_op = gl.convert_layout(p.to(dtype), p_l)
+
+        for t in range(1, n_tiles):
+            stage = t % STAGES
+            prev = (t - 1) % STAGES
+            mbarrier.wait(bars.index(stage), (t // STAGES) & 1)
+            # Issue S_t = Q K_t^T, then PV of the previous tile; wait for S_t only, so its
+            # softmax runs while the tensor cores do the PV.
+            s = warpgroup_mma(q_smem, k_smem.index(stage).permute((1, 0)), s_zero,
+                              use_acc=False, is_async=True)
+            acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
+            k_pos = (n_tiles - 1 - t) * BLOCK_N + k_off
+            if t < n_masked:
+                p, alpha, m_i, l_i = _softmax_tile(s, m_i, l_i, q_pos, k_pos, qk_scale, True)
+            else:
+                p, alpha, m_i, l_i = _softmax_tile(s, m_i, l_i, q_pos, k_pos, qk_scale, False)
+            acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_l)), 1)
+            p_op = gl.convert_layout(p.to(dtype), p_l)
+            # Stage `prev` is free: its K was read by S_{t-1}, its V by the PV just waited on.
+            gl.thread_barrier()
+            _load_kv(k_desc, v_desc, bars, k_smem, v_smem, bt_row, t - 1 + STAGES, n_tiles,
+                     last_page, kv_col, PAGE, SUB, BLOCK_N, STAGES)
+
+        acc = warpgroup_mma(p_op, v_smem.index((n_tiles - 1) % STAGES), acc, is_async=True)
+        acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
+        acc = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_l)), 1)
+
+        rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_l))
+        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_l))
+        ptrs = (out_ptr + gl.expand_dims((q_start + rows).to(gl.int64) * stride_o_tok, 1)
+                + head * stride_o_head + gl.expand_dims(cols, 0))
+        gl.store(ptrs, acc.to(dtype), mask=gl.expand_dims(rows < q_len, 1))
+        mbarrier.invalidate(q_bar)
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(bars.index(i))
+
+
+@functools.lru_cache(maxsize=8)
+def _is_sm90(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) == (9, 0)
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    return t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
+
+
+def takes_hopper_prefill(q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor) -> bool:
+    """True where `prefill_attention` runs this kernel: an sm_90 GPU, 16-bit q/cache,
+    head_dim 64 or 128, pages of 8+ tokens (power of two), heads packed in q's and out's rows
+    and TMA-aligned strides. KESTREL_HOPPER_PREFILL=0 turns it off."""
+    if not (q.is_cuda and os.environ.get("KESTREL_HOPPER_PREFILL") != "0"):
+        return False
+    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    head_dim, page = q.shape[2], kv_cache.shape[2]
+    return (
+        _is_sm90(index)
+        and q.dtype in _GL_DTYPES and kv_cache.dtype == q.dtype
+        and head_dim in (64, 128) and page >= 8 and page & (page - 1) == 0
+        and q.stride(2) == 1 and q.stride(1) == head_dim and _aligned(q)
+        and kv_cache.is_contiguous() and _aligned(kv_cache) and out.stride(2) == 1
+    )
+
+
+def _descriptors(q: torch.Tensor, kv_cache: torch.Tensor, sub: int):
+    tokens, hq, d = q.shape
+    gdt = _GL_DTYPES[q.dtype]
+    q2 = q.as_strided((tokens, hq * d), (q.stride(0), 1))  # heads packed: [tokens, hq * d]
+    _, num_blocks, page, hkv, _ = kv_cache.shape
+    layout = gl.NVMMASharedLayout.get_default_for([sub, d], gdt)
+    q_desc = TensorDescriptor(q2, list(q2.shape), list(q2.stride()), [BLOCK_M, d],
+                              gl.NVMMASharedLayout.get_default_for([BLOCK_M, d], gdt))
+    kv = []
+    for i in (0, 1):
+        c2 = kv_cache[i].view(num_blocks * page, hkv * d)  # one row per cache slot
+        kv.append(TensorDescriptor(c2, list(c2.shape), list(c2.stride()), [sub, d], layout))
+    return q_desc, kv[0], kv[1]
+
+
+def hopper_prefill_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    max_query_len: int,
+    scale: float,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """`prefill_attention` on sm_90 (arguments as there; `takes_hopper_prefill` must hold)."""
+    num_q_heads, head_dim = q.shape[1], q.shape[2]
+    page, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+    sub = min(page, BLOCK_N)
+    q_desc, k_desc, v_desc = _descriptors(q, kv_cache, sub)
+    grid = (num_q_heads, triton.cdiv(max_query_len, BLOCK_M), seq_lens.shape[0])
+    _prefill_kernel[grid](
+        q_desc, k_desc, v_desc, out, block_table, query_start_loc, seq_lens,
+        scale * math.log2(math.e), out.stride(0), out.stride(1), block_table.stride(0),
+        GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, PAGE=page, SUB=sub,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=STAGES, num_warps=NUM_WARPS,
+    )
+    return out
