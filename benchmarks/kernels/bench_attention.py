@@ -265,14 +265,17 @@ def main() -> None:
         [(n, ms[n] * 1e3, rate[n], rate[n] / copy_bw) for n in rate],
     )
     print(f"kestrel rel err vs fp32 SDPA: {err:.2e}")
-    for hkv in (32, 8):
-        ms, rate, err = run_prefill(make_prefill_inputs(hkv=hkv))
-        print(f"\n# prefill: 4 x 32 q / {hkv} kv heads x 4096, d 128, causal, bf16, page 16")
+    global PAGE
+    for page, hkv in ((16, 32), (16, 8), (64, 32), (64, 8)):
+        PAGE = page  # cache page size of the inputs built next
+        ms, rate, err = run_prefill(make_prefill_inputs(hkv=hkv), peers=page == 16)
+        print(f"\n# prefill: 4 x 32 q / {hkv} kv heads x 4096, d 128, causal, bf16, page {page}")
         print_table(
             ["impl", "ms", "TFLOP/s", "of matmul"],
             [(n, ms[n], rate[n], rate[n] / mm) for n in rate],
         )
         print(f"kestrel rel err vs SDPA flash: {err:.2e}")
+    PAGE = 16
     extend()
 
 
@@ -293,7 +296,7 @@ def extend(batch=4, prefix=3072, chunk=1024, hq=32, hkv=8, d=128) -> None:
         outs[name] = run(*inputs[0])
         ms[name] = bench_rotating(run, inputs)
     print(f"\n# extend: {batch} x {chunk} queries on a {prefix}-token prefix, {hq} q / {hkv} kv "
-          "heads, d 128, bf16, page 16")
+          f"heads, d 128, bf16, page {PAGE}")
     print_table(["impl", "ms", "TFLOP/s"], [(n, ms[n], flops / ms[n] / 1e9) for n in ms])
     err = _rel_err(outs["kestrel"], outs["kestrel-triton"])
     print(f"kestrel vs kestrel-triton rel err: {err:.2e}")

@@ -43,7 +43,7 @@ def _compile_for_sm90(head_dim: int, page: int, dtype: torch.dtype):
 
 
 COMPILE_CASES = [(128, 16, "bfloat16"), (64, 16, "float16"), (128, 128, "bfloat16"),
-                 (128, 8, "float16")]
+                 (128, 32, "float16")]
 
 
 def test_compiles_for_sm90_two_programs_per_sm():
@@ -73,8 +73,9 @@ def test_dispatch_rule(device):
     assert hopper.takes_hopper_prefill(q, cache, q) == SM90
     assert not hopper.takes_hopper_prefill(q[..., :96], cache[..., :96], q[..., :96])  # head_dim
     assert not hopper.takes_hopper_prefill(q.float(), cache.float(), q.float())  # dtype
-    odd = torch.zeros(2, 4, 12, 2, 128, dtype=torch.bfloat16, device=device)
-    assert not hopper.takes_hopper_prefill(q, odd, q)  # page not a power of two
+    for page in (12, 8):  # not a power of two; more than 4 boxes per key tile
+        odd = torch.zeros(2, 4, page, 2, 128, dtype=torch.bfloat16, device=device)
+        assert not hopper.takes_hopper_prefill(q, odd, q)
     strided = torch.zeros(4, 8, 2, 128, dtype=torch.bfloat16, device=device)[:, :, 0]
     assert not hopper.takes_hopper_prefill(strided, cache, strided)  # heads not packed
 
@@ -90,7 +91,7 @@ LENS = [(1, 1), (1, 700), (64, 64), (65, 65), (129, 129), (1000, 1000), (300, 20
 @pytest.mark.parametrize(
     "num_q_heads,num_kv_heads,head_dim,page,dtype",
     [(32, 8, 128, 16, torch.bfloat16), (8, 8, 64, 16, torch.float16),
-     (16, 2, 128, 128, torch.bfloat16), (4, 1, 128, 8, torch.float16)],
+     (16, 2, 128, 128, torch.bfloat16), (4, 1, 128, 32, torch.float16)],
 )
 def test_matches_reference_and_portable_kernel(num_q_heads, num_kv_heads, head_dim, page, dtype,
                                                device):

@@ -60,25 +60,77 @@ def _softmax_tile(s, m_i, l_i, q_pos, k_pos, qk_scale, MASK: gl.constexpr):
 
 
 @gluon.jit
-def _load_kv(k_desc, v_desc, bars, k_smem, v_smem, bt_ptr, t, n_tiles, last_page, kv_col,
-             PAGE: gl.constexpr, SUB: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """TMA of the t-th visited key tile (key tile n_tiles - 1 - t) into ring stage t % STAGES:
-    one [SUB, head_dim] box per page (or page part), all completing one barrier."""
-    stage = t % STAGES
+def _kv_row(bt_row, key, last_page, ok, PAGE: gl.constexpr):
+    # Pages past the context are clamped to its last page: those keys are masked, and the
+    # block table holds no valid id there. int32, as TMA coordinates are.
+    page = gl.minimum(key // PAGE, last_page)
+    return gl.load(bt_row + page, mask=ok, other=0) * PAGE + key % PAGE
+
+
+@gluon.jit
+def _kv_rows(bt_row, t, n_tiles, last_page, PAGE: gl.constexpr, SUB: gl.constexpr,
+             BLOCK_N: gl.constexpr):
+    """Cache rows of the t-th visited key tile (key tile n_tiles - 1 - t), one per page or
+    page part (at most 4). Loaded an iteration's work before the TMA that needs them, so the
+    block-table latency does not stall the MMA warps."""
     ok = t < n_tiles
     key0 = (n_tiles - 1 - t) * BLOCK_N
+    r0 = _kv_row(bt_row, key0, last_page, ok, PAGE)
+    r1 = r0
+    r2 = r0
+    r3 = r0
+    if BLOCK_N // SUB > 1:
+        r1 = _kv_row(bt_row, key0 + SUB, last_page, ok, PAGE)
+    if BLOCK_N // SUB > 2:
+        r2 = _kv_row(bt_row, key0 + 2 * SUB, last_page, ok, PAGE)
+        r3 = _kv_row(bt_row, key0 + 3 * SUB, last_page, ok, PAGE)
+    return r0, r1, r2, r3
+
+
+@gluon.jit
+def _load_kv(k_desc, v_desc, bars, k_smem, v_smem, rows, t, n_tiles, kv_col,
+             SUB: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """TMA of the t-th visited key tile into ring stage t % STAGES: one [SUB, head_dim] box
+    per entry of `rows`, all completing the stage's barrier."""
+    stage = t % STAGES
+    ok = t < n_tiles
     bar = bars.index(stage)
     mbarrier.expect(bar, 2 * k_desc.block_type.nbytes * (BLOCK_N // SUB), pred=ok)
     for i in gl.static_range(BLOCK_N // SUB):
-        key = key0 + i * SUB
-        # Pages past the context are clamped to its last page: those keys are masked, and the
-        # block table holds no valid id there.
-        page = gl.minimum(key // PAGE, last_page)
-        row = gl.load(bt_ptr + page, mask=ok, other=0) * PAGE + key % PAGE  # int32: TMA
-        tma.async_copy_global_to_shared(k_desc, [row, kv_col], bar,
+        tma.async_copy_global_to_shared(k_desc, [rows[i], kv_col], bar,
                                         k_smem.index(stage).slice(i * SUB, SUB), pred=ok)
-        tma.async_copy_global_to_shared(v_desc, [row, kv_col], bar,
+        tma.async_copy_global_to_shared(v_desc, [rows[i], kv_col], bar,
                                         v_smem.index(stage).slice(i * SUB, SUB), pred=ok)
+
+
+@gluon.jit
+def _step(t, acc, p_op, m_i, l_i, q_smem, k_smem, v_smem, bars, k_desc, v_desc, bt_row,
+          n_tiles, last_page, kv_col, q_pos, k_off, s_zero, qk_scale,
+          PAGE: gl.constexpr, SUB: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+          HEAD_DIM: gl.constexpr, MASK: gl.constexpr, num_warps: gl.constexpr):
+    """Visited tile t >= 1: S_t = Q K_t^T and the PV of tile t - 1 are issued together and
+    only S_t is waited for, so its softmax runs while the tensor cores do the PV."""
+    o_l: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, HEAD_DIM, 16])
+    p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2)
+    stage = t % STAGES
+    prev = (t - 1) % STAGES
+    rows = _kv_rows(bt_row, t - 1 + STAGES, n_tiles, last_page, PAGE, SUB, BLOCK_N)
+    mbarrier.wait(bars.index(stage), (t // STAGES) & 1)
+    s = warpgroup_mma(q_smem, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False,
+                      is_async=True)
+    acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+    s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
+    k_pos = (n_tiles - 1 - t) * BLOCK_N + k_off
+    p, alpha, m_i, l_i = _softmax_tile(s, m_i, l_i, q_pos, k_pos, qk_scale, MASK)
+    acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
+    acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_l)), 1)
+    p_op = gl.convert_layout(p.to(q_smem.dtype), p_l)
+    # Stage `prev` is free: its K was read by S_{t-1}, its V by the PV just waited on.
+    gl.thread_barrier()
+    _load_kv(k_desc, v_desc, bars, k_smem, v_smem, rows, t - 1 + STAGES, n_tiles, kv_col, SUB,
+             BLOCK_N, STAGES)
+    return acc, p_op, m_i, l_i
 
 
 @gluon.jit
@@ -88,9 +140,11 @@ def _prefill_kernel(
     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, PAGE: gl.constexpr, SUB: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
 ):
-    head = gl.program_id(0)
-    # Row tiles run last first: the longest key ranges start first, the short ones fill the tail.
-    m0 = (gl.num_programs(1) - 1 - gl.program_id(1)) * BLOCK_M
+    # Row tiles are the fastest grid dim, so the programs running at once share a few heads'
+    # K/V in L2 (heads fastest, an SM-full of programs reads 100+ heads' K/V at 4K context
+    # and becomes HBM-bound); last row tile first: long key ranges start first.
+    m0 = (gl.num_programs(0) - 1 - gl.program_id(0)) * BLOCK_M
+    head = gl.program_id(1)
     req = gl.program_id(2)
     q_start = gl.load(qsl_ptr + req)
     q_len = gl.load(qsl_ptr + req + 1) - q_start
@@ -122,8 +176,9 @@ def _prefill_kernel(
         mbarrier.expect(q_bar, q_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(q_desc, [q_start + m0, head * HEAD_DIM], q_bar, q_smem)
         for i in gl.static_range(STAGES):
-            _load_kv(k_desc, v_desc, bars, k_smem, v_smem, bt_row, i, n_tiles, last_page,
-                     kv_col, PAGE, SUB, BLOCK_N, STAGES)
+            rows = _kv_rows(bt_row, i, n_tiles, last_page, PAGE, SUB, BLOCK_N)
+            _load_kv(k_desc, v_desc, bars, k_smem, v_smem, rows, i, n_tiles, kv_col, SUB,
+                     BLOCK_N, STAGES)
 
         q_pos = pos0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_l))
         k_off = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_l))
@@ -145,28 +200,17 @@ def _prefill_kernel(
             p, alpha, m_i, l_i = _softmax_tile(s, m_i, l_i, q_pos, k_pos, qk_scale, False)
         p_op = gl.convert_layout(p.to(dtype), p_l)
 
-        for t in range(1, n_tiles):
-            stage = t % STAGES
-            prev = (t - 1) % STAGES
-            mbarrier.wait(bars.index(stage), (t // STAGES) & 1)
-            # Issue S_t = Q K_t^T, then PV of the previous tile; wait for S_t only, so its
-            # softmax runs while the tensor cores do the PV.
-            s = warpgroup_mma(q_smem, k_smem.index(stage).permute((1, 0)), s_zero,
-                              use_acc=False, is_async=True)
-            acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
-            s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
-            k_pos = (n_tiles - 1 - t) * BLOCK_N + k_off
-            if t < n_masked:
-                p, alpha, m_i, l_i = _softmax_tile(s, m_i, l_i, q_pos, k_pos, qk_scale, True)
-            else:
-                p, alpha, m_i, l_i = _softmax_tile(s, m_i, l_i, q_pos, k_pos, qk_scale, False)
-            acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
-            acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_l)), 1)
-            p_op = gl.convert_layout(p.to(dtype), p_l)
-            # Stage `prev` is free: its K was read by S_{t-1}, its V by the PV just waited on.
-            gl.thread_barrier()
-            _load_kv(k_desc, v_desc, bars, k_smem, v_smem, bt_row, t - 1 + STAGES, n_tiles,
-                     last_page, kv_col, PAGE, SUB, BLOCK_N, STAGES)
+        # The rest of the diagonal-crossing tiles (at most one more), then unmasked tiles.
+        for t in range(1, gl.maximum(n_masked, 1)):
+            acc, p_op, m_i, l_i = _step(
+                t, acc, p_op, m_i, l_i, q_smem, k_smem, v_smem, bars, k_desc, v_desc, bt_row,
+                n_tiles, last_page, kv_col, q_pos, k_off, s_zero, qk_scale,
+                PAGE, SUB, BLOCK_N, STAGES, HEAD_DIM, True, num_warps)
+        for t in range(gl.maximum(n_masked, 1), n_tiles):
+            acc, p_op, m_i, l_i = _step(
+                t, acc, p_op, m_i, l_i, q_smem, k_smem, v_smem, bars, k_desc, v_desc, bt_row,
+                n_tiles, last_page, kv_col, q_pos, k_off, s_zero, qk_scale,
+                PAGE, SUB, BLOCK_N, STAGES, HEAD_DIM, False, num_warps)
 
         acc = warpgroup_mma(p_op, v_smem.index((n_tiles - 1) % STAGES), acc, is_async=True)
         acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
@@ -193,7 +237,7 @@ def _aligned(t: torch.Tensor) -> bool:
 
 def takes_hopper_prefill(q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor) -> bool:
     """True where `prefill_attention` runs this kernel: an sm_90 GPU, 16-bit q/cache,
-    head_dim 64 or 128, pages of 8+ tokens (power of two), heads packed in q's and out's rows
+    head_dim 64 or 128, pages of 16+ tokens (power of two), heads packed in q's and out's rows
     and TMA-aligned strides. KESTREL_HOPPER_PREFILL=0 turns it off."""
     if not (q.is_cuda and os.environ.get("KESTREL_HOPPER_PREFILL") != "0"):
         return False
@@ -202,7 +246,7 @@ def takes_hopper_prefill(q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Ten
     return (
         _is_sm90(index)
         and q.dtype in _GL_DTYPES and kv_cache.dtype == q.dtype
-        and head_dim in (64, 128) and page >= 8 and page & (page - 1) == 0
+        and head_dim in (64, 128) and page >= 16 and page & (page - 1) == 0
         and q.stride(2) == 1 and q.stride(1) == head_dim and _aligned(q)
         and kv_cache.is_contiguous() and _aligned(kv_cache) and out.stride(2) == 1
     )
@@ -238,7 +282,7 @@ def hopper_prefill_attention(
     page, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     sub = min(page, BLOCK_N)
     q_desc, k_desc, v_desc = _descriptors(q, kv_cache, sub)
-    grid = (num_q_heads, triton.cdiv(max_query_len, BLOCK_M), seq_lens.shape[0])
+    grid = (triton.cdiv(max_query_len, BLOCK_M), num_q_heads, seq_lens.shape[0])
     _prefill_kernel[grid](
         q_desc, k_desc, v_desc, out, block_table, query_start_loc, seq_lens,
         scale * math.log2(math.e), out.stride(0), out.stride(1), block_table.stride(0),
