@@ -125,16 +125,45 @@ def run_decode(inputs, ref, config=None, num_splits=None, peers=True):
     return ms, {name: nbytes / t / 1e9 for name, t in ms.items()}, err
 
 
+def _split_qkv(qkv: torch.Tensor, hq: int, hkv: int):
+    """q, k, v as views of one [..., hq + 2 hkv, D] buffer, as the model's projection gives."""
+    return qkv.split([hq, hkv, hkv], dim=-2)
+
+
 def make_prefill_inputs(batch=4, seq=4096, hq=32, hkv=32, d=128, sets=2):
+    """Rotating sets of (q, k, v, cache, block_table): q/k/v [B, N, H, D] views of one qkv
+    buffer, the cache holding k/v in shuffled pages."""
     gen = torch.Generator().manual_seed(seq + hkv)
     inputs = []
     for _ in range(sets):
-        q = torch.randn(batch, seq, hq, d, device="cuda", dtype=DTYPE)
-        k = torch.randn(batch, seq, hkv, d, device="cuda", dtype=DTYPE)
-        v = torch.randn(batch, seq, hkv, d, device="cuda", dtype=DTYPE)
+        qkv = torch.randn(batch, seq, hq + 2 * hkv, d, device="cuda", dtype=DTYPE)
+        q, k, v = _split_qkv(qkv, hq, hkv)
         cache, bt = _paged_cache(k, v, gen)
         inputs.append((q, k, v, cache, bt))
     return inputs
+
+
+def _prefill_impls(hq: int, hkv: int, d: int, max_q: int, config):
+    """{row name: fn(q, k, v, cache, bt, qsl, seq_lens)}. With config None: "kestrel" is the
+    engine's call (the chunk's own K/V rows passed as new_kv), "kestrel-paged" reads every key
+    from the cache, "kestrel-triton" is the portable kernel."""
+
+    def call(cfg, own):
+        def run(q, k, v, cache, bt, qsl, seq_lens):
+            new_kv = (k.reshape(-1, hkv, d), v.reshape(-1, hkv, d)) if own else None
+            return prefill_attention(q.reshape(-1, hq, d), cache, bt, qsl, seq_lens, max_q,
+                                     d**-0.5, config=cfg, new_kv=new_kv)
+        return run
+
+    if config is not None:
+        return {"kestrel": call(config, False)}
+    impls = {"kestrel": call(None, True)}
+    probe = torch.empty(1, hq, d, device="cuda", dtype=DTYPE)
+    cache = torch.empty(2, 1, PAGE, hkv, d, device="cuda", dtype=DTYPE)
+    if takes_hopper_prefill(probe, cache, probe):
+        impls["kestrel-paged"] = call(None, False)
+        impls["kestrel-triton"] = call(default_prefill_config(probe.device, d, max_q), False)
+    return impls
 
 
 def run_prefill(inputs, config=None, peers=True):
@@ -144,28 +173,19 @@ def run_prefill(inputs, config=None, peers=True):
     qsl = torch.arange(0, batch + 1, device="cuda", dtype=torch.int32) * seq
     seq_lens = torch.full((batch,), seq, dtype=torch.int32, device="cuda")
     flops = 2 * batch * hq * seq * seq * d  # QK^T and PV, half the square under the mask
-
-    def ours(q, k, v, cache, bt):
-        return prefill_attention(
-            q.view(-1, hq, d), cache, bt, qsl, seq_lens, seq, d**-0.5, config=config
-        )
-
-    sdpa_in = [tuple(t.transpose(1, 2) for t in x[:3]) for x in inputs]  # [B, H, N, D] views
+    impls = _prefill_impls(hq, hkv, d, seq, config)
+    ms = {
+        name: bench_rotating(lambda *x, fn=fn: fn(*x, qsl, seq_lens), inputs)
+        for name, fn in impls.items()
+    }
+    # Peers take contiguous [B, H, N, D]-strided copies, the layout they are fastest on.
+    sdpa_in = [tuple(t.contiguous().transpose(1, 2) for t in x[:3]) for x in inputs[:1]]
     flash = _sdpa("sdpa-flash", *sdpa_in[0], causal=True, gqa=hq != hkv)
     ref = flash(*sdpa_in[0]).transpose(1, 2).reshape(-1, hq, d) if flash else None
-    err = _rel_err(ours(*inputs[0]), ref) if ref is not None else float("nan")
-    ms = {"kestrel": bench_rotating(ours, inputs)}
-    q0 = inputs[0][0].view(-1, hq, d)
-    if config is None and takes_hopper_prefill(q0, inputs[0][3], q0):
-        # The Hopper kernel ran; time the portable Triton kernel too.
-        portable = default_prefill_config(inputs[0][0].device, d, seq)
-        ms["kestrel-triton"] = bench_rotating(
-            lambda q, k, v, cache, bt: prefill_attention(
-                q.view(-1, hq, d), cache, bt, qsl, seq_lens, seq, d**-0.5, config=portable
-            ),
-            inputs,
-        )
+    ours = impls["kestrel"](*inputs[0], qsl, seq_lens)
+    err = _rel_err(ours, ref) if ref is not None else float("nan")
     if peers:
+        sdpa_in += [tuple(t.contiguous().transpose(1, 2) for t in x[:3]) for x in inputs[1:]]
         for name in SDPA_BACKENDS:
             fn = _sdpa(name, *sdpa_in[0], causal=True, gqa=hq != hkv)
             ms[name] = bench_rotating(fn, sdpa_in) if fn else float("nan")
@@ -282,24 +302,23 @@ def main() -> None:
 def extend(batch=4, prefix=3072, chunk=1024, hq=32, hkv=8, d=128) -> None:
     """A chunked-prefill step: `chunk` queries per request on a cached `prefix`."""
     seq = prefix + chunk
-    inputs = [(x[0][:, prefix:].contiguous(), *x[1:]) for x in make_prefill_inputs(
-        batch, seq, hq, hkv, d)]
+    inputs = []
+    for x in make_prefill_inputs(batch, seq, hq, hkv, d):
+        # This step's q/k/v: the chunk's rows of a fresh qkv buffer (the cache holds all keys).
+        qkv = torch.cat([t[:, prefix:] for t in x[:3]], dim=2)
+        inputs.append((*_split_qkv(qkv, hq, hkv), *x[3:]))
     qsl = torch.arange(0, batch + 1, device="cuda", dtype=torch.int32) * chunk
     seq_lens = torch.full((batch,), seq, dtype=torch.int32, device="cuda")
     flops = 4 * batch * hq * d * (chunk * prefix + chunk * chunk / 2)
-    portable = default_prefill_config(inputs[0][0].device, d, chunk)
     outs, ms = {}, {}
-    for name, cfg in (("kestrel", None), ("kestrel-triton", portable)):
-        def run(q, k, v, cache, bt, cfg=cfg):
-            return prefill_attention(q.view(-1, hq, d), cache, bt, qsl, seq_lens, chunk,
-                                     d**-0.5, config=cfg)
-        outs[name] = run(*inputs[0])
-        ms[name] = bench_rotating(run, inputs)
+    for name, fn in _prefill_impls(hq, hkv, d, chunk, None).items():
+        outs[name] = fn(*inputs[0], qsl, seq_lens)
+        ms[name] = bench_rotating(lambda *x, fn=fn: fn(*x, qsl, seq_lens), inputs)
     print(f"\n# extend: {batch} x {chunk} queries on a {prefix}-token prefix, {hq} q / {hkv} kv "
           f"heads, d 128, bf16, page {PAGE}")
     print_table(["impl", "ms", "TFLOP/s"], [(n, ms[n], flops / ms[n] / 1e9) for n in ms])
-    err = _rel_err(outs["kestrel"], outs["kestrel-triton"])
-    print(f"kestrel vs kestrel-triton rel err: {err:.2e}")
+    for other in list(outs)[1:]:
+        print(f"kestrel vs {other} rel err: {_rel_err(outs['kestrel'], outs[other]):.2e}")
 
 
 if __name__ == "__main__":

@@ -83,6 +83,16 @@ class AttentionBackend(ABC):
         kv_cache: torch.Tensor,  # already holds this step's K/V at `meta.slot_mapping`
         meta: AttentionMetadata,
         scale: float,
+        new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:  # [num_tokens, num_q_heads, head_dim]
-        """`forward` without the store; only for backends with `attends_stored_kv`."""
+        """`forward` without the store; only for backends with `attends_stored_kv`.
+        `new_kv` (k, v), rows aligned with q, are this step's keys/values as stored, left in
+        place by the model when `reads_new_kv` asked for them; attending may read them instead
+        of the cache."""
         raise NotImplementedError(f"the {self.name} backend writes K/V inside forward()")
+
+    def reads_new_kv(self, meta: AttentionMetadata, kv_cache: torch.Tensor,
+                     dtype: torch.dtype) -> bool:
+        """Whether `attend` would read `new_kv` this step (q of `dtype`), so the model should
+        leave its rotated keys in place for it."""
+        return False

@@ -12,7 +12,12 @@ from __future__ import annotations
 import torch
 
 from kestrel.attention.backend import AttentionBackend, AttentionMetadata
-from kestrel.kernels.attention import choose_num_splits, decode_attention, prefill_attention
+from kestrel.kernels.attention import (
+    choose_num_splits,
+    decode_attention,
+    prefill_attention,
+    prefill_reads_new_kv,
+)
 from kestrel.kernels.kv_store import store_kv
 
 # Decode batches from this many requests on launch their programs longest context first.
@@ -88,8 +93,19 @@ class TritonAttentionBackend(AttentionBackend):
         store_kv(k, v, kv_cache, meta.slot_mapping)
         return self.attend(q, kv_cache, meta, scale)
 
+    def reads_new_kv(
+        self, meta: AttentionMetadata, kv_cache: torch.Tensor, dtype: torch.dtype
+    ) -> bool:
+        # Only the prefill kernel reads them, and only the Hopper one.
+        return self._plan(meta)[0] < meta.num_reqs and prefill_reads_new_kv(kv_cache, dtype)
+
     def attend(
-        self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+        self,
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         out = torch.empty_like(q)
         num_reqs = meta.num_reqs
@@ -121,5 +137,6 @@ class TritonAttentionBackend(AttentionBackend):
                 meta.max_query_len,
                 scale,
                 out=out,
+                new_kv=new_kv,
             )
         return out

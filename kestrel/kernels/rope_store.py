@@ -79,6 +79,7 @@ def _rope_store_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
     HEADS: tl.constexpr,  # heads per program, one per tile row
+    WRITE_K: tl.constexpr,  # also write rotated k back in place (prefill reads it from there)
     USE_PDL: tl.constexpr,
 ):
     pdl_wait(USE_PDL)
@@ -93,7 +94,7 @@ def _rope_store_kernel(
             qkv_ptr, positions_ptr, cos_sin_ptr, cache_ptr, slot_mapping_ptr, q_norm_ptr,
             k_norm_ptr, tok, h0, num_q_heads, num_kv_heads, head_dim, half, block_size, eps,
             stride_qkv_tok, stride_pos, stride_cs_pos, stride_c_kv, stride_c_block,
-            stride_c_slot, stride_c_head, HAS_NORM, PARTIAL, BLOCK_D, BLOCK_HALF, HEADS,
+            stride_c_slot, stride_c_head, HAS_NORM, PARTIAL, BLOCK_D, BLOCK_HALF, HEADS, WRITE_K,
         )
 
 
@@ -103,10 +104,10 @@ def _rope_store_heads(
     tok, h0, num_q_heads, num_kv_heads, head_dim, half, block_size, eps, stride_qkv_tok,
     stride_pos, stride_cs_pos, stride_c_kv, stride_c_block, stride_c_slot, stride_c_head,
     HAS_NORM: tl.constexpr, PARTIAL: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_HALF: tl.constexpr, HEADS: tl.constexpr,
+    BLOCK_HALF: tl.constexpr, HEADS: tl.constexpr, WRITE_K: tl.constexpr,
 ):
     """Heads h0 .. h0 + HEADS - 1 of one token, all q or all kv heads, one per tile row: norm,
-    rotate, then q in place or k/v into the cache."""
+    rotate, then q in place or k/v into the cache (with WRITE_K, k in place too)."""
     is_kv = h0 >= num_q_heads
     slot = tl.load(slot_mapping_ptr + tok).to(tl.int64)
     dtype = qkv_ptr.dtype.element_ty
@@ -152,12 +153,23 @@ def _rope_store_heads(
             mask_d = offs_d < head_dim
             v = tl.load(src + num_kv_heads * head_dim + offs_d, mask=mask_d)
             tl.store(dst + stride_c_kv + offs_d, v.to(c_dtype), mask=mask_d)
+        if WRITE_K:  # after the cache store, which reloads the unrotated tail from src
+            _store_in_place(src, out1, out2, offs_h, mask_h, offs_r, mask_r, inv, w_ptr, half,
+                            HAS_NORM, PARTIAL, dtype)
     else:
-        tl.store(src + offs_h, out1, mask=mask_h)
-        tl.store(src + half + offs_h, out2, mask=mask_h)
-        if PARTIAL and HAS_NORM:  # without the norm the unrotated tail is already final
-            rest = _load_normed(src, offs_r, mask_r, inv, w_ptr, HAS_NORM, dtype)
-            tl.store(src + offs_r, rest, mask=mask_r)
+        _store_in_place(src, out1, out2, offs_h, mask_h, offs_r, mask_r, inv, w_ptr, half,
+                        HAS_NORM, PARTIAL, dtype)
+
+
+@triton.jit
+def _store_in_place(src, out1, out2, offs_h, mask_h, offs_r, mask_r, inv, w_ptr, half,
+                    HAS_NORM: tl.constexpr, PARTIAL: tl.constexpr, dtype: tl.constexpr):
+    """The rotated (and normed) heads over their qkv rows."""
+    tl.store(src + offs_h, out1, mask=mask_h)
+    tl.store(src + half + offs_h, out2, mask=mask_h)
+    if PARTIAL and HAS_NORM:  # without the norm the unrotated tail is already final
+        rest = _load_normed(src, offs_r, mask_r, inv, w_ptr, HAS_NORM, dtype)
+        tl.store(src + offs_r, rest, mask=mask_r)
 
 
 def heads_per_program(num_q_heads: int, num_kv_heads: int) -> int:
@@ -188,6 +200,7 @@ def rope_store_kv(
     k_norm_weight: torch.Tensor | None = None,
     eps: float = 1e-6,
     tokens_per_prog: int | None = None,
+    write_k: bool = False,
 ) -> torch.Tensor:
     """Norm (optional), rotate and store one layer's qkv in a single launch.
 
@@ -196,8 +209,8 @@ def rope_store_kv(
 
     Args:
         qkv: [T, (num_q_heads + 2 * num_kv_heads) * head_dim], last dim contiguous: the qkv
-            projection output. Its q part is overwritten with the result; its k and v parts
-            are left unchanged (callers must treat them as unspecified).
+            projection output. Its q part is overwritten with the result; its k part too with
+            `write_k`, else k and v are left unchanged (callers must treat them as unspecified).
         positions: [T] int64 (or int32) absolute positions.
         cos_sin_cache: [max_position, rotary_dim] float32, cos | sin halves; the first
             rotary_dim (even, <= head_dim) dims of each head are rotated (neox style).
@@ -210,6 +223,8 @@ def rope_store_kv(
         eps: RMSNorm epsilon (ignored without weights).
         tokens_per_prog: tokens per program (default: `tokens_per_program`); results do not
             depend on it.
+        write_k: also leave the rotated k in qkv, equal to the cache's copy when the dtypes
+            match, so prefill attention can read this step's keys from there.
 
     Returns:
         q: [T, num_q_heads, head_dim], a view of qkv.
@@ -282,6 +297,7 @@ def rope_store_kv(
         BLOCK_D=block_d,
         BLOCK_HALF=next_power_of_2(rotary_dim // 2),
         HEADS=group,
+        WRITE_K=write_k,
         num_warps=warps,
         USE_PDL=bool(pdl := pdl_options(qkv.device)),
         **pdl,

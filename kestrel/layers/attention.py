@@ -52,10 +52,18 @@ class Attention(nn.Module):
         from kestrel.kernels.rope_store import rope_store_kv
 
         ctx = get_forward_context()
-        kv_cache = ctx.kv_caches[self.layer_idx]
+        kv_cache, meta = ctx.kv_caches[self.layer_idx], ctx.attn_metadata
+        # Prefill on Hopper reads a request's own keys from qkv rather than from their pages:
+        # rotated k is then written back there too.
+        new = ctx.backend.reads_new_kv(meta, kv_cache, qkv.dtype)
         q = rope_store_kv(
-            qkv, positions, cos_sin_cache, kv_cache, ctx.attn_metadata.slot_mapping,
-            self.num_heads, self.num_kv_heads, self.head_dim, q_norm_weight, k_norm_weight, eps,
+            qkv, positions, cos_sin_cache, kv_cache, meta.slot_mapping, self.num_heads,
+            self.num_kv_heads, self.head_dim, q_norm_weight, k_norm_weight, eps, write_k=new,
         )  # [T, heads, head_dim]
-        out = ctx.backend.attend(q, kv_cache, ctx.attn_metadata, self.scale)
+        new_kv = None
+        if new:
+            kv_size = self.num_kv_heads * self.head_dim
+            _, k, v = qkv.split([self.num_heads * self.head_dim, kv_size, kv_size], dim=-1)
+            new_kv = tuple(x.view(-1, self.num_kv_heads, self.head_dim) for x in (k, v))
+        out = ctx.backend.attend(q, kv_cache, meta, self.scale, new_kv)
         return out.reshape(out.shape[0], self.num_heads * self.head_dim)

@@ -54,3 +54,30 @@ def test_fused_paths_match_unfused(arch, tiny_model, monkeypatch):
         assert got.keys() == want.keys()
         for t in want:
             assert abs(got[t] - want[t]) < 1e-4, (t, got[t], want[t])
+
+
+def test_rope_store_leaves_keys_for_prefill(tiny_model, monkeypatch):
+    """Where prefill reads this step's keys from qkv (Hopper), the fused kernel writes rotated
+    k back and the layer hands k/v to the backend: same tokens as the unfused path."""
+    from kestrel.attention.triton_backend import TritonAttentionBackend
+
+    path = tiny_model("qwen3", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    ref_tokens, ref_lps = _generate(path, "reference")
+    seen = []
+    attend = TritonAttentionBackend.attend
+
+    def spy(self, q, kv_cache, meta, scale, new_kv=None):
+        seen.append(new_kv is not None and new_kv[0].shape == (q.shape[0], 2, 16))
+        return attend(self, q, kv_cache, meta, scale, new_kv)
+
+    monkeypatch.setattr(Attention, "fuses_rope_store", lambda self, qkv: True)
+    monkeypatch.setattr(TritonAttentionBackend, "reads_new_kv",
+                        lambda self, meta, cache, dtype: meta.max_query_len > 1)
+    monkeypatch.setattr(TritonAttentionBackend, "attend", spy)
+    tokens, lps = _generate(path, "triton")
+    assert any(seen) and not all(seen)  # prefill steps got new_kv, decode steps did not
+    assert tokens == ref_tokens
+    for got, want in zip(lps, ref_lps):
+        for t in want:
+            assert abs(got[t] - want[t]) < 1e-4, (t, got[t], want[t])

@@ -15,12 +15,17 @@ import torch
 
 from kestrel.kernels.attention import prefill_hopper as hopper
 from kestrel.kernels.attention.prefill import default_prefill_config, prefill_attention
-from tests.kernels.paged_refs import attention_reference, make_paged_batch, rel_err
+from tests.kernels.paged_refs import (
+    attention_reference,
+    make_paged_batch,
+    rel_err,
+    store_kv_reference,
+)
 
 SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 
 
-def _compile_for_sm90(head_dim: int, page: int, dtype: torch.dtype):
+def _compile_for_sm90(head_dim: int, page: int, dtype: torch.dtype, new_kv: bool):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -29,21 +34,24 @@ def _compile_for_sm90(head_dim: int, page: int, dtype: torch.dtype):
     q = torch.zeros(8, 4, head_dim, dtype=dtype)
     cache = torch.zeros(2, 4, page, 2, head_dim, dtype=dtype)
     sub = min(page, hopper.BLOCK_N)
-    descs = hopper._descriptors(q, cache, sub)
+    kv = torch.zeros(8, 2, head_dim, dtype=dtype)
+    descs = hopper._descriptors(q, cache, (kv, kv) if new_kv else None, sub)
     ptr = "*bf16" if dtype == torch.bfloat16 else "*fp16"
-    sig = dict(zip(("q_desc", "k_desc", "v_desc"), map(mangle_type, descs), strict=True))
+    names = ("q_desc", "k_desc", "v_desc", "kn_desc", "vn_desc")
+    sig = dict(zip(names, map(mangle_type, descs), strict=True))
     sig.update(out_ptr=ptr, bt_ptr="*i32", qsl_ptr="*i32", seq_lens_ptr="*i32",
                qk_scale="fp32", stride_o_tok="i32", stride_o_head="i32", stride_bt_req="i32")
     consts = dict(GROUP=2, HEAD_DIM=head_dim, PAGE=page, SUB=sub, BLOCK_M=hopper.BLOCK_M,
-                  BLOCK_N=hopper.BLOCK_N, STAGES=hopper.STAGES, num_warps=hopper.NUM_WARPS)
+                  BLOCK_N=hopper.BLOCK_N, STAGES=hopper.STAGES, NEW_KV=new_kv,
+                  num_warps=hopper.NUM_WARPS)
     sig.update(dict.fromkeys(consts, "constexpr"))
     src = GluonASTSource(hopper._prefill_kernel, sig, consts)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": hopper.NUM_WARPS})
 
 
-COMPILE_CASES = [(128, 16, "bfloat16"), (64, 16, "float16"), (128, 128, "bfloat16"),
-                 (128, 32, "float16")]
+COMPILE_CASES = [(128, 16, "bfloat16", True), (64, 16, "float16", False),
+                 (128, 128, "bfloat16", False), (128, 32, "float16", True)]
 
 
 def test_compiles_for_sm90_two_programs_per_sm():
@@ -52,8 +60,8 @@ def test_compiles_for_sm90_two_programs_per_sm():
     code = (
         "import json, torch\n"
         "from tests.kernels.test_prefill_hopper import COMPILE_CASES, _compile_for_sm90\n"
-        "print(json.dumps([_compile_for_sm90(h, p, getattr(torch, d)).metadata.shared\n"
-        "                  for h, p, d in COMPILE_CASES]))\n"
+        "print(json.dumps([_compile_for_sm90(h, p, getattr(torch, d), n).metadata.shared\n"
+        "                  for h, p, d, n in COMPILE_CASES]))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parents[2]
@@ -78,6 +86,11 @@ def test_dispatch_rule(device):
         assert not hopper.takes_hopper_prefill(q, odd, q)
     strided = torch.zeros(4, 8, 2, 128, dtype=torch.bfloat16, device=device)[:, :, 0]
     assert not hopper.takes_hopper_prefill(strided, cache, strided)  # heads not packed
+    kv = torch.zeros(4, 2, 128, dtype=torch.bfloat16, device=device)
+    assert hopper.takes_new_kv((kv, kv), q, cache)
+    assert not hopper.takes_new_kv(None, q, cache)
+    assert not hopper.takes_new_kv((kv[:3], kv[:3]), q, cache)  # rows not aligned with q
+    assert not hopper.takes_new_kv((kv.half(), kv.half()), q, cache)  # dtype
 
 
 # (query_len, seq_len): single tokens, whole prompts, chunks on cached prefixes that end
@@ -132,3 +145,52 @@ def test_batch_slice_and_strided_q(device):
                       batch.seq_lens[2:], 90, 128**-0.5, out=out)
     assert torch.isnan(out[:2]).all()  # rows of requests 0 and 1 untouched
     assert rel_err(out[2:], attention_reference(batch, 128**-0.5)[2:]) < 2e-2
+
+
+def _own_key_tiles(batch, block_n: int) -> torch.Tensor:
+    """Cache slots of the keys the Hopper kernel reads from new_kv: whole key tiles of this
+    step's keys (at or after the prefix, inside the request)."""
+    slots = []
+    page = batch.kv_cache.shape[2]
+    for r, (ql, sl) in enumerate(zip(batch.q_lens, batch.seq_lens_list, strict=True)):
+        for key0 in range(0, sl - block_n + 1, block_n):
+            if key0 >= sl - ql:
+                pos = torch.arange(key0, key0 + block_n)
+                blocks = batch.block_table[r, pos // page].long().cpu()
+                slots.append(blocks * page + pos % page)
+    return torch.cat(slots)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not SM90, reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("num_q_heads,num_kv_heads,page", [(32, 8, 16), (8, 8, 64)])
+def test_new_kv_rows_replace_the_page_gather(num_q_heads, num_kv_heads, page, device):
+    """With new_kv (views into a qkv buffer, as the model leaves them), whole tiles of a
+    request's own keys come from those rows: the result is bit-identical to reading the cache,
+    and stays right when the cache's copies of exactly those keys are poisoned."""
+    gen = torch.Generator().manual_seed(page)
+    q_lens, seq_lens = zip(*LENS, strict=True)
+    batch = make_paged_batch(list(q_lens), list(seq_lens), num_q_heads, num_kv_heads, 128, page,
+                             torch.bfloat16, device, gen, extra_blocks=300)
+    store_kv_reference(batch)
+    qkv = torch.cat([batch.q, batch.k_new, batch.v_new], dim=1)  # [T, hq + 2 hkv, d]
+    q, k, v = qkv.split([num_q_heads, num_kv_heads, num_kv_heads], dim=1)
+    assert hopper.takes_new_kv((k, v), q, batch.kv_cache)
+    scale = 128**-0.5
+
+    def run(new_kv):
+        out = torch.full_like(batch.q, torch.nan)
+        prefill_attention(q, batch.kv_cache, batch.block_table, batch.query_start_loc,
+                          batch.seq_lens, max(q_lens), scale, out=out, new_kv=new_kv)
+        return out
+
+    from_cache = run(None)
+    assert torch.equal(run((k, v)), from_cache)
+    ref = attention_reference(batch, scale)
+    assert rel_err(from_cache, ref) < 2e-2
+    own = _own_key_tiles(batch, hopper.BLOCK_N).to(device)
+    flat = batch.kv_cache.view(2, -1, num_kv_heads, 128)
+    flat[:, own] = torch.nan
+    assert torch.isnan(run(None)).any()  # the poison sits where the cache path reads
+    poisoned_ok = run((k, v))
+    assert torch.equal(poisoned_ok, from_cache)

@@ -159,6 +159,25 @@ def test_rope_store_several_tokens_per_program(per, device):
     _check_cache_writes(c, cache)
 
 
+@pytest.mark.parametrize("hq,hkv,d,rotary_dim,norm", [(4, 2, 64, 64, True), (4, 2, 64, 32, True),
+                                                    (2, 2, 128, 96, False)])
+def test_rope_store_write_k_leaves_the_cached_keys_in_qkv(hq, hkv, d, rotary_dim, norm, device):
+    """With write_k the qkv rows' k part holds, bit for bit, what was stored for each slot;
+    q and the cache are as without it, and v is untouched."""
+    c = _case(hq, hkv, d, rotary_dim, torch.float16, norm, device, num_tokens=9, seed=d)
+    q_ref, cache_ref, _ = _fused(c)
+    qkv, cache = c.qkv.clone(), c.kv_cache.clone()
+    q = rope_store_kv(qkv, c.positions, c.cos_sin, cache, c.slots, hq, hkv, d, c.q_w, c.k_w,
+                      EPS, write_k=True)
+    assert torch.equal(q, q_ref) and _same_bits(cache, cache_ref)
+    _, k, v = _split(c, qkv)
+    k_rows, _ = _check_cache_writes(c, cache)
+    valid = c.slots >= 0
+    assert torch.equal(k[valid], k_rows)
+    assert rel_err(k, _reference64(c)[1]) < tolerance(torch.float16, device)  # padding rows too
+    assert torch.equal(v, _split(c, c.qkv)[2])
+
+
 def test_program_shape():
     cpu = torch.device("cpu")  # nominal 132 SMs
     assert heads_per_program(32, 8) == 8 and heads_per_program(6, 2) == 2

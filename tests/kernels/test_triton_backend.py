@@ -85,3 +85,12 @@ def test_backend_bf16_mixed_batch(device):
     )
     assert torch.equal(batch.kv_cache, expected.kv_cache)
     assert rel_err(out, attention_reference(expected, 128**-0.5)) < 2e-2
+    # The model's fused path: K/V already stored, this step's rows passed along as new_kv.
+    backend = TritonAttentionBackend()
+    meta = _metadata(batch)
+    assert backend.reads_new_kv(meta, batch.kv_cache, torch.bfloat16) == (
+        torch.cuda.get_device_capability() == (9, 0)
+    )
+    again = backend.attend(batch.q, batch.kv_cache, meta, 128**-0.5,
+                           new_kv=(batch.k_new, batch.v_new))
+    assert torch.equal(again, out)

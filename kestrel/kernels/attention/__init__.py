@@ -2,7 +2,11 @@
 
 from kestrel.kernels.attention.decode import DecodeConfig, choose_num_splits, decode_attention
 from kestrel.kernels.attention.merge_states import merge_states
-from kestrel.kernels.attention.prefill import PrefillConfig, prefill_attention
+from kestrel.kernels.attention.prefill import (
+    PrefillConfig,
+    prefill_attention,
+    prefill_reads_new_kv,
+)
 
 __all__ = [
     "DecodeConfig",
@@ -11,4 +15,5 @@ __all__ = [
     "decode_attention",
     "merge_states",
     "prefill_attention",
+    "prefill_reads_new_kv",
 ]

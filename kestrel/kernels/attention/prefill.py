@@ -238,6 +238,16 @@ def default_prefill_config(
     return PrefillConfig(block_m=256, block_n=64, num_warps=8, num_stages=3)
 
 
+def prefill_reads_new_kv(kv_cache: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether `prefill_attention` (default config) reads `new_kv` for q of `dtype` over this
+    cache, so a caller knows if leaving this step's rotated keys in place pays off."""
+    if not kv_cache.is_cuda:
+        return False
+    from kestrel.kernels.attention import prefill_hopper as hopper
+
+    return hopper.takes_hopper_cache(kv_cache, dtype)
+
+
 def prefill_attention(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -248,6 +258,7 @@ def prefill_attention(
     scale: float,
     out: torch.Tensor | None = None,
     config: PrefillConfig | None = None,
+    new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Causal attention of varlen query chunks over their paged context.
 
@@ -266,6 +277,10 @@ def prefill_attention(
             are left untouched.
         config: tile shape for this (portable) kernel; None also lets an sm_90 GPU take the
             Hopper kernel in prefill_hopper.py.
+        new_kv: optional (k, v), [num_tokens, num_kv_heads, head_dim] each, rows aligned with
+            q: this step's keys/values, equal to what the cache holds at their slots. A kernel
+            may read a request's own keys from them instead of gathering pages (the Hopper
+            kernel does); results are the same either way.
 
     Returns:
         [num_tokens, num_q_heads, head_dim] in q.dtype.
@@ -292,7 +307,8 @@ def prefill_attention(
 
         if hopper.takes_hopper_prefill(q, kv_cache, out):
             return hopper.hopper_prefill_attention(
-                q, kv_cache, block_table, query_start_loc, seq_lens, max_query_len, scale, out
+                q, kv_cache, block_table, query_start_loc, seq_lens, max_query_len, scale, out,
+                new_kv,
             )
 
     cfg = config or default_prefill_config(q.device, head_dim, max_query_len)

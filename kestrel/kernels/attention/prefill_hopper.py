@@ -68,13 +68,23 @@ def _kv_row(bt_row, key, last_page, ok, PAGE: gl.constexpr):
 
 
 @gluon.jit
-def _kv_rows(bt_row, t, n_tiles, last_page, PAGE: gl.constexpr, SUB: gl.constexpr,
-             BLOCK_N: gl.constexpr):
+def _from_new(key0, new_lo, new_hi):
+    # Whether the key tile at key0 is read from the step's own K/V (with NEW_KV): all its
+    # keys are in [new_lo, new_hi + BLOCK_N), the request's keys written this step.
+    return (key0 >= new_lo) & (key0 <= new_hi)
+
+
+@gluon.jit
+def _kv_rows(bt_row, t, n_tiles, last_page, new_lo, new_hi, PAGE: gl.constexpr,
+             SUB: gl.constexpr, BLOCK_N: gl.constexpr, NEW_KV: gl.constexpr):
     """Cache rows of the t-th visited key tile (key tile n_tiles - 1 - t), one per page or
     page part (at most 4). Loaded an iteration's work before the TMA that needs them, so the
-    block-table latency does not stall the MMA warps."""
-    ok = t < n_tiles
+    block-table latency does not stall the MMA warps. Tiles read from the step's own K/V need
+    no rows."""
     key0 = (n_tiles - 1 - t) * BLOCK_N
+    ok = t < n_tiles
+    if NEW_KV:
+        ok = ok & ~_from_new(key0, new_lo, new_hi)
     r0 = _kv_row(bt_row, key0, last_page, ok, PAGE)
     r1 = r0
     r2 = r0
@@ -88,26 +98,46 @@ def _kv_rows(bt_row, t, n_tiles, last_page, PAGE: gl.constexpr, SUB: gl.constexp
 
 
 @gluon.jit
-def _load_kv(k_desc, v_desc, bars, k_smem, v_smem, rows, t, n_tiles, kv_col,
-             SUB: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """TMA of the t-th visited key tile into ring stage t % STAGES: one [SUB, head_dim] box
-    per entry of `rows`, all completing the stage's barrier."""
-    stage = t % STAGES
-    ok = t < n_tiles
-    bar = bars.index(stage)
-    mbarrier.expect(bar, 2 * k_desc.block_type.nbytes * (BLOCK_N // SUB), pred=ok)
+def _load_paged(k_desc, v_desc, bar, k_dst, v_dst, rows, kv_col, ok, SUB: gl.constexpr,
+                BLOCK_N: gl.constexpr):
+    # One [SUB, head_dim] box per entry of `rows`.
     for i in gl.static_range(BLOCK_N // SUB):
         tma.async_copy_global_to_shared(k_desc, [rows[i], kv_col], bar,
-                                        k_smem.index(stage).slice(i * SUB, SUB), pred=ok)
+                                        k_dst.slice(i * SUB, SUB), pred=ok)
         tma.async_copy_global_to_shared(v_desc, [rows[i], kv_col], bar,
-                                        v_smem.index(stage).slice(i * SUB, SUB), pred=ok)
+                                        v_dst.slice(i * SUB, SUB), pred=ok)
 
 
 @gluon.jit
-def _step(t, acc, p_op, m_i, l_i, q_smem, k_smem, v_smem, bars, k_desc, v_desc, bt_row,
-          n_tiles, last_page, kv_col, q_pos, k_off, s_zero, qk_scale,
-          PAGE: gl.constexpr, SUB: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-          HEAD_DIM: gl.constexpr, MASK: gl.constexpr, num_warps: gl.constexpr):
+def _load_kv(k_desc, v_desc, kn_desc, vn_desc, bars, k_smem, v_smem, rows, t, n_tiles, kv_col,
+             new_lo, new_hi, new_row0, SUB: gl.constexpr, BLOCK_N: gl.constexpr,
+             STAGES: gl.constexpr, NEW_KV: gl.constexpr):
+    """TMA of the t-th visited key tile into ring stage t % STAGES, completing the stage's
+    barrier: a tile of the step's own keys (`_from_new`) is one box of new K/V rows (key p at
+    row new_row0 + p); any other tile comes page by page from the cache."""
+    stage = t % STAGES
+    ok = t < n_tiles
+    bar = bars.index(stage)
+    k_dst = k_smem.index(stage)
+    v_dst = v_smem.index(stage)
+    mbarrier.expect(bar, 2 * k_desc.block_type.nbytes * (BLOCK_N // SUB), pred=ok)
+    if NEW_KV:
+        key0 = (n_tiles - 1 - t) * BLOCK_N
+        if _from_new(key0, new_lo, new_hi):  # implies t < n_tiles (new_lo >= 0)
+            tma.async_copy_global_to_shared(kn_desc, [new_row0 + key0, kv_col], bar, k_dst)
+            tma.async_copy_global_to_shared(vn_desc, [new_row0 + key0, kv_col], bar, v_dst)
+        else:
+            _load_paged(k_desc, v_desc, bar, k_dst, v_dst, rows, kv_col, ok, SUB, BLOCK_N)
+    else:
+        _load_paged(k_desc, v_desc, bar, k_dst, v_dst, rows, kv_col, ok, SUB, BLOCK_N)
+
+
+@gluon.jit
+def _step(t, acc, p_op, m_i, l_i, q_smem, k_smem, v_smem, bars, k_desc, v_desc, kn_desc,
+          vn_desc, bt_row, n_tiles, last_page, new_lo, new_hi, new_row0, kv_col, q_pos, k_off,
+          s_zero, qk_scale, PAGE: gl.constexpr, SUB: gl.constexpr, BLOCK_N: gl.constexpr,
+          STAGES: gl.constexpr, HEAD_DIM: gl.constexpr, MASK: gl.constexpr,
+          NEW_KV: gl.constexpr, num_warps: gl.constexpr):
     """Visited tile t >= 1: S_t = Q K_t^T and the PV of tile t - 1 are issued together and
     only S_t is waited for, so its softmax runs while the tensor cores do the PV."""
     o_l: gl.constexpr = gl.NVMMADistributedLayout(
@@ -115,7 +145,8 @@ def _step(t, acc, p_op, m_i, l_i, q_smem, k_smem, v_smem, bars, k_desc, v_desc, 
     p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2)
     stage = t % STAGES
     prev = (t - 1) % STAGES
-    rows = _kv_rows(bt_row, t - 1 + STAGES, n_tiles, last_page, PAGE, SUB, BLOCK_N)
+    rows = _kv_rows(bt_row, t - 1 + STAGES, n_tiles, last_page, new_lo, new_hi, PAGE, SUB,
+                    BLOCK_N, NEW_KV)
     mbarrier.wait(bars.index(stage), (t // STAGES) & 1)
     s = warpgroup_mma(q_smem, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False,
                       is_async=True)
@@ -128,17 +159,18 @@ def _step(t, acc, p_op, m_i, l_i, q_smem, k_smem, v_smem, bars, k_desc, v_desc, 
     p_op = gl.convert_layout(p.to(q_smem.dtype), p_l)
     # Stage `prev` is free: its K was read by S_{t-1}, its V by the PV just waited on.
     gl.thread_barrier()
-    _load_kv(k_desc, v_desc, bars, k_smem, v_smem, rows, t - 1 + STAGES, n_tiles, kv_col, SUB,
-             BLOCK_N, STAGES)
+    _load_kv(k_desc, v_desc, kn_desc, vn_desc, bars, k_smem, v_smem, rows, t - 1 + STAGES,
+             n_tiles, kv_col, new_lo, new_hi, new_row0, SUB, BLOCK_N, STAGES, NEW_KV)
     return acc, p_op, m_i, l_i
 
 
 @gluon.jit
 def _prefill_kernel(
-    q_desc, k_desc, v_desc, out_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, qk_scale,
-    stride_o_tok, stride_o_head, stride_bt_req,
+    q_desc, k_desc, v_desc, kn_desc, vn_desc, out_ptr, bt_ptr, qsl_ptr, seq_lens_ptr,
+    qk_scale, stride_o_tok, stride_o_head, stride_bt_req,
     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, PAGE: gl.constexpr, SUB: gl.constexpr,
-    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NEW_KV: gl.constexpr,
+    num_warps: gl.constexpr,
 ):
     # Row tiles are the fastest grid dim, so the programs running at once share a few heads'
     # K/V in L2 (heads fastest, an SM-full of programs reads 100+ heads' K/V at 4K context
@@ -154,6 +186,12 @@ def _prefill_kernel(
         n_tiles = gl.cdiv(gl.minimum(pos0 + BLOCK_M, seq_len), BLOCK_N)
         n_masked = n_tiles - (pos0 + 1) // BLOCK_N  # tiles crossing the diagonal: 0, 1 or 2
         last_page = (seq_len - 1) // PAGE
+        # The step's own K/V rows are aligned with q: key p >= prefix sits at row
+        # q_start - prefix + p. Whole tiles of such keys skip the page gather; a tile that
+        # straddles the prefix or runs past the request still reads the cache.
+        new_lo = seq_len - q_len
+        new_hi = seq_len - BLOCK_N
+        new_row0 = q_start - new_lo
         kv_col = (head // GROUP) * HEAD_DIM
         bt_row = bt_ptr + req.to(gl.int64) * stride_bt_req
 
@@ -176,9 +214,10 @@ def _prefill_kernel(
         mbarrier.expect(q_bar, q_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(q_desc, [q_start + m0, head * HEAD_DIM], q_bar, q_smem)
         for i in gl.static_range(STAGES):
-            rows = _kv_rows(bt_row, i, n_tiles, last_page, PAGE, SUB, BLOCK_N)
-            _load_kv(k_desc, v_desc, bars, k_smem, v_smem, rows, i, n_tiles, kv_col, SUB,
-                     BLOCK_N, STAGES)
+            rows = _kv_rows(bt_row, i, n_tiles, last_page, new_lo, new_hi, PAGE, SUB, BLOCK_N,
+                            NEW_KV)
+            _load_kv(k_desc, v_desc, kn_desc, vn_desc, bars, k_smem, v_smem, rows, i, n_tiles,
+                     kv_col, new_lo, new_hi, new_row0, SUB, BLOCK_N, STAGES, NEW_KV)
 
         q_pos = pos0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_l))
         k_off = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_l))
@@ -203,14 +242,16 @@ def _prefill_kernel(
         # The rest of the diagonal-crossing tiles (at most one more), then unmasked tiles.
         for t in range(1, gl.maximum(n_masked, 1)):
             acc, p_op, m_i, l_i = _step(
-                t, acc, p_op, m_i, l_i, q_smem, k_smem, v_smem, bars, k_desc, v_desc, bt_row,
-                n_tiles, last_page, kv_col, q_pos, k_off, s_zero, qk_scale,
-                PAGE, SUB, BLOCK_N, STAGES, HEAD_DIM, True, num_warps)
+                t, acc, p_op, m_i, l_i, q_smem, k_smem, v_smem, bars, k_desc, v_desc, kn_desc,
+                vn_desc, bt_row, n_tiles, last_page, new_lo, new_hi, new_row0, kv_col, q_pos,
+                k_off, s_zero, qk_scale, PAGE, SUB, BLOCK_N, STAGES, HEAD_DIM, True, NEW_KV,
+                num_warps)
         for t in range(gl.maximum(n_masked, 1), n_tiles):
             acc, p_op, m_i, l_i = _step(
-                t, acc, p_op, m_i, l_i, q_smem, k_smem, v_smem, bars, k_desc, v_desc, bt_row,
-                n_tiles, last_page, kv_col, q_pos, k_off, s_zero, qk_scale,
-                PAGE, SUB, BLOCK_N, STAGES, HEAD_DIM, False, num_warps)
+                t, acc, p_op, m_i, l_i, q_smem, k_smem, v_smem, bars, k_desc, v_desc, kn_desc,
+                vn_desc, bt_row, n_tiles, last_page, new_lo, new_hi, new_row0, kv_col, q_pos,
+                k_off, s_zero, qk_scale, PAGE, SUB, BLOCK_N, STAGES, HEAD_DIM, False, NEW_KV,
+                num_warps)
 
         acc = warpgroup_mma(p_op, v_smem.index((n_tiles - 1) % STAGES), acc, is_async=True)
         acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
@@ -235,36 +276,68 @@ def _aligned(t: torch.Tensor) -> bool:
     return t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
 
 
+def takes_hopper_cache(kv_cache: torch.Tensor, dtype: torch.dtype) -> bool:
+    """The part of `takes_hopper_prefill` that depends on the cache and q's dtype only."""
+    if not (kv_cache.is_cuda and os.environ.get("KESTREL_HOPPER_PREFILL") != "0"):
+        return False
+    index = kv_cache.device.index
+    index = index if index is not None else torch.cuda.current_device()
+    head_dim, page = kv_cache.shape[4], kv_cache.shape[2]
+    return (
+        _is_sm90(index) and dtype in _GL_DTYPES and kv_cache.dtype == dtype
+        and head_dim in (64, 128) and page >= 16 and page & (page - 1) == 0
+        and kv_cache.is_contiguous() and _aligned(kv_cache)
+    )
+
+
 def takes_hopper_prefill(q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor) -> bool:
     """True where `prefill_attention` runs this kernel: an sm_90 GPU, 16-bit q/cache,
     head_dim 64 or 128, pages of 16+ tokens (power of two), heads packed in q's and out's rows
     and TMA-aligned strides. KESTREL_HOPPER_PREFILL=0 turns it off."""
-    if not (q.is_cuda and os.environ.get("KESTREL_HOPPER_PREFILL") != "0"):
-        return False
-    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
-    head_dim, page = q.shape[2], kv_cache.shape[2]
     return (
-        _is_sm90(index)
-        and q.dtype in _GL_DTYPES and kv_cache.dtype == q.dtype
-        and head_dim in (64, 128) and page >= 16 and page & (page - 1) == 0
-        and q.stride(2) == 1 and q.stride(1) == head_dim and _aligned(q)
-        and kv_cache.is_contiguous() and _aligned(kv_cache) and out.stride(2) == 1
+        q.is_cuda and takes_hopper_cache(kv_cache, q.dtype) and q.shape[2] == kv_cache.shape[4]
+        and q.stride(2) == 1 and q.stride(1) == q.shape[2] and _aligned(q)
+        and out.stride(2) == 1
     )
 
 
-def _descriptors(q: torch.Tensor, kv_cache: torch.Tensor, sub: int):
-    tokens, hq, d = q.shape
+def takes_new_kv(new_kv: tuple[torch.Tensor, torch.Tensor] | None, q: torch.Tensor,
+                kv_cache: torch.Tensor) -> bool:
+    """Whether the step's own K/V rows (`prefill_attention`'s `new_kv`) can be read by TMA:
+    q's dtype and rows, heads packed in a row, aligned strides."""
+    if new_kv is None:
+        return False
+    hkv, d = kv_cache.shape[3], q.shape[2]
+    return all(
+        t.dtype == q.dtype and t.shape == (q.shape[0], hkv, d) and t.stride(2) == 1
+        and t.stride(1) == d and _aligned(t)
+        for t in new_kv
+    )
+
+
+def _packed(t: torch.Tensor) -> torch.Tensor:
+    """[rows, heads, d] with heads packed in a row -> the [rows, heads * d] view TMA reads."""
+    return t.as_strided((t.shape[0], t.shape[1] * t.shape[2]), (t.stride(0), 1))
+
+
+def _descriptors(q, kv_cache, new_kv, sub):
+    d = q.shape[2]
     gdt = _GL_DTYPES[q.dtype]
-    q2 = q.as_strided((tokens, hq * d), (q.stride(0), 1))  # heads packed: [tokens, hq * d]
     _, num_blocks, page, hkv, _ = kv_cache.shape
-    layout = gl.NVMMASharedLayout.get_default_for([sub, d], gdt)
+    # One layout for every K/V box: a page part or a whole tile lands in the same ring.
+    layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, d], gdt)
+    q2 = _packed(q)
     q_desc = TensorDescriptor(q2, list(q2.shape), list(q2.stride()), [BLOCK_M, d],
                               gl.NVMMASharedLayout.get_default_for([BLOCK_M, d], gdt))
     kv = []
     for i in (0, 1):
         c2 = kv_cache[i].view(num_blocks * page, hkv * d)  # one row per cache slot
         kv.append(TensorDescriptor(c2, list(c2.shape), list(c2.stride()), [sub, d], layout))
-    return q_desc, kv[0], kv[1]
+    new = kv  # unread stand-ins when there are no new rows (NEW_KV=False)
+    if new_kv is not None:
+        new = [TensorDescriptor(t2, list(t2.shape), list(t2.stride()), [BLOCK_N, d], layout)
+               for t2 in map(_packed, new_kv)]
+    return q_desc, kv[0], kv[1], new[0], new[1]
 
 
 def hopper_prefill_attention(
@@ -276,17 +349,22 @@ def hopper_prefill_attention(
     max_query_len: int,
     scale: float,
     out: torch.Tensor,
+    new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """`prefill_attention` on sm_90 (arguments as there; `takes_hopper_prefill` must hold)."""
+    """`prefill_attention` on sm_90 (arguments as there; `takes_hopper_prefill` must hold).
+    `new_kv` is read only where `takes_new_kv` holds; the cache serves every key otherwise."""
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     page, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     sub = min(page, BLOCK_N)
-    q_desc, k_desc, v_desc = _descriptors(q, kv_cache, sub)
+    if not takes_new_kv(new_kv, q, kv_cache):
+        new_kv = None
+    descs = _descriptors(q, kv_cache, new_kv, sub)
     grid = (triton.cdiv(max_query_len, BLOCK_M), num_q_heads, seq_lens.shape[0])
     _prefill_kernel[grid](
-        q_desc, k_desc, v_desc, out, block_table, query_start_loc, seq_lens,
+        *descs, out, block_table, query_start_loc, seq_lens,
         scale * math.log2(math.e), out.stride(0), out.stride(1), block_table.stride(0),
         GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, PAGE=page, SUB=sub,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=STAGES, num_warps=NUM_WARPS,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=STAGES, NEW_KV=new_kv is not None,
+        num_warps=NUM_WARPS,
     )
     return out
