@@ -69,3 +69,24 @@ def test_batch1_fused_decode(path, monkeypatch):
     unfused = one_by_one(LLM(path, dtype="bfloat16", device="cuda",
                              attention_backend="reference", enforce_eager=True))
     check_logprobs_close(unfused, graphs, "unfused", "fused")
+
+
+def test_prefill_own_keys_identical(path, monkeypatch):
+    """Prefill reading a chunk's own keys from the qkv rows (Hopper) gives the tokens of
+    reading them back from the cache, with chunked prefill on cached prefixes too."""
+    from kestrel.attention.triton_backend import TritonAttentionBackend
+
+    calls = []
+    reads = TritonAttentionBackend.reads_new_kv
+
+    def spy(self, meta, cache, dtype):
+        calls.append(reads(self, meta, cache, dtype))
+        return calls[-1]
+
+    monkeypatch.setattr(TritonAttentionBackend, "reads_new_kv", spy)
+    own, _ = _run(path, max_num_batched_tokens=256)
+    if torch.cuda.get_device_capability() == (9, 0):
+        assert any(calls)
+    monkeypatch.setattr(TritonAttentionBackend, "reads_new_kv", lambda *a: False)
+    cached, _ = _run(path, max_num_batched_tokens=256)
+    assert [c.token_ids for c in own] == [c.token_ids for c in cached]
