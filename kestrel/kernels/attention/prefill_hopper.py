@@ -67,24 +67,23 @@ def _kv_row(bt_row, key, last_page, ok, PAGE: gl.constexpr):
     return gl.load(bt_row + page, mask=ok, other=0) * PAGE + key % PAGE
 
 
-@gluon.jit
-def _from_new(key0, new_lo, new_hi):
-    # Whether the key tile at key0 is read from the step's own K/V (with NEW_KV): all its
-    # keys are in [new_lo, new_hi + BLOCK_N), the request's keys written this step.
-    return (key0 >= new_lo) & (key0 <= new_hi)
+# How a step loads its key tile: from the cache's pages, from the step's own K/V rows, or
+# either, decided per tile at run time (only outside the main loops: the branch costs ~5%).
+PAGED = gl.constexpr(0)
+OWN = gl.constexpr(1)
+EITHER = gl.constexpr(2)
 
 
 @gluon.jit
-def _kv_rows(bt_row, t, n_tiles, last_page, new_lo, new_hi, PAGE: gl.constexpr,
-             SUB: gl.constexpr, BLOCK_N: gl.constexpr, NEW_KV: gl.constexpr):
+def _kv_rows(bt_row, t, n_tiles, last_page, t_own0, t_own1, PAGE: gl.constexpr,
+             SUB: gl.constexpr, BLOCK_N: gl.constexpr, LOAD: gl.constexpr):
     """Cache rows of the t-th visited key tile (key tile n_tiles - 1 - t), one per page or
     page part (at most 4). Loaded an iteration's work before the TMA that needs them, so the
-    block-table latency does not stall the MMA warps. Tiles read from the step's own K/V need
-    no rows."""
+    block-table latency does not stall the MMA warps. Own-row tiles need none."""
     key0 = (n_tiles - 1 - t) * BLOCK_N
     ok = t < n_tiles
-    if NEW_KV:
-        ok = ok & ~_from_new(key0, new_lo, new_hi)
+    if LOAD == EITHER:
+        ok = ok & ((t < t_own0) | (t >= t_own1))
     r0 = _kv_row(bt_row, key0, last_page, ok, PAGE)
     r1 = r0
     r2 = r0
@@ -110,22 +109,25 @@ def _load_paged(k_desc, v_desc, bar, k_dst, v_dst, rows, kv_col, ok, SUB: gl.con
 
 @gluon.jit
 def _load_kv(k_desc, v_desc, kn_desc, vn_desc, bars, k_smem, v_smem, rows, t, n_tiles, kv_col,
-             new_lo, new_hi, new_row0, SUB: gl.constexpr, BLOCK_N: gl.constexpr,
-             STAGES: gl.constexpr, NEW_KV: gl.constexpr):
+             t_own0, t_own1, own_row0, SUB: gl.constexpr, BLOCK_N: gl.constexpr,
+             STAGES: gl.constexpr, LOAD: gl.constexpr):
     """TMA of the t-th visited key tile into ring stage t % STAGES, completing the stage's
-    barrier: a tile of the step's own keys (`_from_new`) is one box of new K/V rows (key p at
-    row new_row0 + p); any other tile comes page by page from the cache."""
+    barrier: page by page from the cache, or one box of the step's own K/V rows (key p at row
+    own_row0 + p) for visited tiles t_own0 <= t < t_own1."""
     stage = t % STAGES
     ok = t < n_tiles
     bar = bars.index(stage)
     k_dst = k_smem.index(stage)
     v_dst = v_smem.index(stage)
     mbarrier.expect(bar, 2 * k_desc.block_type.nbytes * (BLOCK_N // SUB), pred=ok)
-    if NEW_KV:
-        key0 = (n_tiles - 1 - t) * BLOCK_N
-        if _from_new(key0, new_lo, new_hi):  # implies t < n_tiles (new_lo >= 0)
-            tma.async_copy_global_to_shared(kn_desc, [new_row0 + key0, kv_col], bar, k_dst)
-            tma.async_copy_global_to_shared(vn_desc, [new_row0 + key0, kv_col], bar, v_dst)
+    own_row = own_row0 + (n_tiles - 1 - t) * BLOCK_N
+    if LOAD == OWN:
+        tma.async_copy_global_to_shared(kn_desc, [own_row, kv_col], bar, k_dst, pred=ok)
+        tma.async_copy_global_to_shared(vn_desc, [own_row, kv_col], bar, v_dst, pred=ok)
+    elif LOAD == EITHER:
+        if (t >= t_own0) & (t < t_own1):
+            tma.async_copy_global_to_shared(kn_desc, [own_row, kv_col], bar, k_dst)
+            tma.async_copy_global_to_shared(vn_desc, [own_row, kv_col], bar, v_dst)
         else:
             _load_paged(k_desc, v_desc, bar, k_dst, v_dst, rows, kv_col, ok, SUB, BLOCK_N)
     else:
@@ -134,19 +136,22 @@ def _load_kv(k_desc, v_desc, kn_desc, vn_desc, bars, k_smem, v_smem, rows, t, n_
 
 @gluon.jit
 def _step(t, acc, p_op, m_i, l_i, q_smem, k_smem, v_smem, bars, k_desc, v_desc, kn_desc,
-          vn_desc, bt_row, n_tiles, last_page, new_lo, new_hi, new_row0, kv_col, q_pos, k_off,
+          vn_desc, bt_row, n_tiles, last_page, t_own0, t_own1, own_row0, kv_col, q_pos, k_off,
           s_zero, qk_scale, PAGE: gl.constexpr, SUB: gl.constexpr, BLOCK_N: gl.constexpr,
           STAGES: gl.constexpr, HEAD_DIM: gl.constexpr, MASK: gl.constexpr,
-          NEW_KV: gl.constexpr, num_warps: gl.constexpr):
+          LOAD: gl.constexpr, num_warps: gl.constexpr):
     """Visited tile t >= 1: S_t = Q K_t^T and the PV of tile t - 1 are issued together and
-    only S_t is waited for, so its softmax runs while the tensor cores do the PV."""
+    only S_t is waited for, so its softmax runs while the tensor cores do the PV. Then tile
+    t - 1 + STAGES is loaded the LOAD way."""
     o_l: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, HEAD_DIM, 16])
     p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2)
     stage = t % STAGES
     prev = (t - 1) % STAGES
-    rows = _kv_rows(bt_row, t - 1 + STAGES, n_tiles, last_page, new_lo, new_hi, PAGE, SUB,
-                    BLOCK_N, NEW_KV)
+    rows = (0, 0, 0, 0)
+    if LOAD != OWN:
+        rows = _kv_rows(bt_row, t - 1 + STAGES, n_tiles, last_page, t_own0, t_own1, PAGE, SUB,
+                        BLOCK_N, LOAD)
     mbarrier.wait(bars.index(stage), (t // STAGES) & 1)
     s = warpgroup_mma(q_smem, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False,
                       is_async=True)
@@ -160,7 +165,7 @@ def _step(t, acc, p_op, m_i, l_i, q_smem, k_smem, v_smem, bars, k_desc, v_desc, 
     # Stage `prev` is free: its K was read by S_{t-1}, its V by the PV just waited on.
     gl.thread_barrier()
     _load_kv(k_desc, v_desc, kn_desc, vn_desc, bars, k_smem, v_smem, rows, t - 1 + STAGES,
-             n_tiles, kv_col, new_lo, new_hi, new_row0, SUB, BLOCK_N, STAGES, NEW_KV)
+             n_tiles, kv_col, t_own0, t_own1, own_row0, SUB, BLOCK_N, STAGES, LOAD)
     return acc, p_op, m_i, l_i
 
 
@@ -182,18 +187,24 @@ def _prefill_kernel(
     q_len = gl.load(qsl_ptr + req + 1) - q_start
     if m0 < q_len:
         seq_len = gl.load(seq_lens_ptr + req)
-        pos0 = seq_len - q_len + m0  # context position of the tile's first row
+        prefix = seq_len - q_len
+        pos0 = prefix + m0  # context position of the tile's first row
         n_tiles = gl.cdiv(gl.minimum(pos0 + BLOCK_M, seq_len), BLOCK_N)
         n_masked = n_tiles - (pos0 + 1) // BLOCK_N  # tiles crossing the diagonal: 0, 1 or 2
         last_page = (seq_len - 1) // PAGE
-        # The step's own K/V rows are aligned with q: key p >= prefix sits at row
-        # q_start - prefix + p. Whole tiles of such keys skip the page gather; a tile that
-        # straddles the prefix or runs past the request still reads the cache.
-        new_lo = seq_len - q_len
-        new_hi = seq_len - BLOCK_N
-        new_row0 = q_start - new_lo
+        # The step's own K/V rows (NEW_KV) are aligned with q: key p >= prefix sits at row
+        # q_start - prefix + p. Whole key tiles of them, tiles cdiv(prefix, BLOCK_N) to
+        # seq_len // BLOCK_N - 1, are visited as t_own0 <= t < t_own1 and skip the page
+        # gather; a tile that straddles the prefix or runs past the request reads the cache.
+        t_own0 = gl.maximum(n_tiles - seq_len // BLOCK_N, 0)
+        t_own1 = n_tiles - gl.cdiv(prefix, BLOCK_N)
+        if not NEW_KV:  # no own-row runs: every unmasked step is in the first, paged run
+            t_own0 = n_tiles + STAGES
+            t_own1 = t_own0
+        own_row0 = q_start - prefix
         kv_col = (head // GROUP) * HEAD_DIM
         bt_row = bt_ptr + req.to(gl.int64) * stride_bt_req
+        FIRST: gl.constexpr = EITHER if NEW_KV else PAGED
 
         s_l: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16])
@@ -214,10 +225,10 @@ def _prefill_kernel(
         mbarrier.expect(q_bar, q_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(q_desc, [q_start + m0, head * HEAD_DIM], q_bar, q_smem)
         for i in gl.static_range(STAGES):
-            rows = _kv_rows(bt_row, i, n_tiles, last_page, new_lo, new_hi, PAGE, SUB, BLOCK_N,
-                            NEW_KV)
+            rows = _kv_rows(bt_row, i, n_tiles, last_page, t_own0, t_own1, PAGE, SUB, BLOCK_N,
+                            FIRST)
             _load_kv(k_desc, v_desc, kn_desc, vn_desc, bars, k_smem, v_smem, rows, i, n_tiles,
-                     kv_col, new_lo, new_hi, new_row0, SUB, BLOCK_N, STAGES, NEW_KV)
+                     kv_col, t_own0, t_own1, own_row0, SUB, BLOCK_N, STAGES, FIRST)
 
         q_pos = pos0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_l))
         k_off = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_l))
@@ -243,15 +254,33 @@ def _prefill_kernel(
         for t in range(1, gl.maximum(n_masked, 1)):
             acc, p_op, m_i, l_i = _step(
                 t, acc, p_op, m_i, l_i, q_smem, k_smem, v_smem, bars, k_desc, v_desc, kn_desc,
-                vn_desc, bt_row, n_tiles, last_page, new_lo, new_hi, new_row0, kv_col, q_pos,
-                k_off, s_zero, qk_scale, PAGE, SUB, BLOCK_N, STAGES, HEAD_DIM, True, NEW_KV,
+                vn_desc, bt_row, n_tiles, last_page, t_own0, t_own1, own_row0, kv_col, q_pos,
+                k_off, s_zero, qk_scale, PAGE, SUB, BLOCK_N, STAGES, HEAD_DIM, True, FIRST,
                 num_warps)
-        for t in range(gl.maximum(n_masked, 1), n_tiles):
+        # Unmasked steps in up to three runs by how the tile they load (t - 1 + STAGES) is
+        # read: pages, own rows, pages; tiles past n_tiles are not loaded at all.
+        u0 = gl.maximum(n_masked, 1)
+        e1 = gl.minimum(gl.maximum(t_own0 - STAGES + 1, u0), n_tiles)
+        e2 = gl.minimum(gl.maximum(t_own1 - STAGES + 1, e1), n_tiles)
+        for t in range(u0, e1):
             acc, p_op, m_i, l_i = _step(
                 t, acc, p_op, m_i, l_i, q_smem, k_smem, v_smem, bars, k_desc, v_desc, kn_desc,
-                vn_desc, bt_row, n_tiles, last_page, new_lo, new_hi, new_row0, kv_col, q_pos,
-                k_off, s_zero, qk_scale, PAGE, SUB, BLOCK_N, STAGES, HEAD_DIM, False, NEW_KV,
+                vn_desc, bt_row, n_tiles, last_page, t_own0, t_own1, own_row0, kv_col, q_pos,
+                k_off, s_zero, qk_scale, PAGE, SUB, BLOCK_N, STAGES, HEAD_DIM, False, PAGED,
                 num_warps)
+        if NEW_KV:
+            for t in range(e1, e2):
+                acc, p_op, m_i, l_i = _step(
+                    t, acc, p_op, m_i, l_i, q_smem, k_smem, v_smem, bars, k_desc, v_desc,
+                    kn_desc, vn_desc, bt_row, n_tiles, last_page, t_own0, t_own1, own_row0,
+                    kv_col, q_pos, k_off, s_zero, qk_scale, PAGE, SUB, BLOCK_N, STAGES, HEAD_DIM,
+                    False, OWN, num_warps)
+            for t in range(e2, n_tiles):
+                acc, p_op, m_i, l_i = _step(
+                    t, acc, p_op, m_i, l_i, q_smem, k_smem, v_smem, bars, k_desc, v_desc,
+                    kn_desc, vn_desc, bt_row, n_tiles, last_page, t_own0, t_own1, own_row0,
+                    kv_col, q_pos, k_off, s_zero, qk_scale, PAGE, SUB, BLOCK_N, STAGES, HEAD_DIM,
+                    False, PAGED, num_warps)
 
         acc = warpgroup_mma(p_op, v_smem.index((n_tiles - 1) % STAGES), acc, is_async=True)
         acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
