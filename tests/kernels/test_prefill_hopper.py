@@ -43,6 +43,7 @@ def _compile_for_sm90(head_dim: int, page: int, dtype: torch.dtype, new_kv: bool
                qk_scale="fp32", stride_o_tok="i32", stride_o_head="i32", stride_bt_req="i32")
     consts = dict(GROUP=2, HEAD_DIM=head_dim, PAGE=page, SUB=sub, BLOCK_M=hopper.BLOCK_M,
                   BLOCK_N=hopper.BLOCK_N, STAGES=hopper.STAGES, NEW_KV=new_kv,
+                  Q_REGS=new_kv,
                   num_warps=hopper.NUM_WARPS)
     sig.update(dict.fromkeys(consts, "constexpr"))
     src = GluonASTSource(hopper._prefill_kernel, sig, consts)

@@ -11,6 +11,13 @@ tensor cores do tile j-1's PV (FlashAttention-3's intra-warpgroup overlap), and 
 programs share an SM, so one program's softmax also runs under the other's MMAs. K/V pages come
 through TMA, one box per page, into a 3-stage ring; no pointer tensors are built for the gather.
 
+A request's own keys (this step's, passed as `new_kv` rows aligned with q) are read as one box
+per 64-key tile instead of four 16-token pages: the MMA warps issue every copy, so fewer copies
+and no block-table loads are time the tensor cores get back (~10% at 16-token pages). Those
+steps run in a loop of their own, as a per-tile branch costs about as much again. With them, Q
+sits in registers (QK^T reads only K from shared memory, which 64-key tiles otherwise
+saturate); reading pages only, that measured no better.
+
 Per program: BLOCK_M query rows of one query head of one request. Key tiles are visited from
 the diagonal down, so only the first one or two (the tiles crossing the diagonal) are masked.
 """
@@ -119,12 +126,14 @@ def _load_kv(k_desc, v_desc, kn_desc, vn_desc, bars, k_smem, v_smem, rows, t, n_
     bar = bars.index(stage)
     k_dst = k_smem.index(stage)
     v_dst = v_smem.index(stage)
-    mbarrier.expect(bar, 2 * k_desc.block_type.nbytes * (BLOCK_N // SUB), pred=ok)
     own_row = own_row0 + (n_tiles - 1 - t) * BLOCK_N
-    if LOAD == OWN:
-        tma.async_copy_global_to_shared(kn_desc, [own_row, kv_col], bar, k_dst, pred=ok)
-        tma.async_copy_global_to_shared(vn_desc, [own_row, kv_col], bar, v_dst, pred=ok)
-    elif LOAD == EITHER:
+    if LOAD == OWN:  # the own-row run only loads tiles t < t_own1 <= n_tiles: no predicate
+        mbarrier.expect(bar, 2 * k_desc.block_type.nbytes * (BLOCK_N // SUB))
+        tma.async_copy_global_to_shared(kn_desc, [own_row, kv_col], bar, k_dst)
+        tma.async_copy_global_to_shared(vn_desc, [own_row, kv_col], bar, v_dst)
+        return
+    mbarrier.expect(bar, 2 * k_desc.block_type.nbytes * (BLOCK_N // SUB), pred=ok)
+    if LOAD == EITHER:
         if (t >= t_own0) & (t < t_own1):
             tma.async_copy_global_to_shared(kn_desc, [own_row, kv_col], bar, k_dst)
             tma.async_copy_global_to_shared(vn_desc, [own_row, kv_col], bar, v_dst)
@@ -135,7 +144,7 @@ def _load_kv(k_desc, v_desc, kn_desc, vn_desc, bars, k_smem, v_smem, rows, t, n_
 
 
 @gluon.jit
-def _step(t, acc, p_op, m_i, l_i, q_smem, k_smem, v_smem, bars, k_desc, v_desc, kn_desc,
+def _step(t, acc, p_op, m_i, l_i, q_op, k_smem, v_smem, bars, k_desc, v_desc, kn_desc,
           vn_desc, bt_row, n_tiles, last_page, t_own0, t_own1, own_row0, kv_col, q_pos, k_off,
           s_zero, qk_scale, PAGE: gl.constexpr, SUB: gl.constexpr, BLOCK_N: gl.constexpr,
           STAGES: gl.constexpr, HEAD_DIM: gl.constexpr, MASK: gl.constexpr,
@@ -153,7 +162,7 @@ def _step(t, acc, p_op, m_i, l_i, q_smem, k_smem, v_smem, bars, k_desc, v_desc, 
         rows = _kv_rows(bt_row, t - 1 + STAGES, n_tiles, last_page, t_own0, t_own1, PAGE, SUB,
                         BLOCK_N, LOAD)
     mbarrier.wait(bars.index(stage), (t // STAGES) & 1)
-    s = warpgroup_mma(q_smem, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False,
+    s = warpgroup_mma(q_op, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False,
                       is_async=True)
     acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
     s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
@@ -161,7 +170,7 @@ def _step(t, acc, p_op, m_i, l_i, q_smem, k_smem, v_smem, bars, k_desc, v_desc, 
     p, alpha, m_i, l_i = _softmax_tile(s, m_i, l_i, q_pos, k_pos, qk_scale, MASK)
     acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
     acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_l)), 1)
-    p_op = gl.convert_layout(p.to(q_smem.dtype), p_l)
+    p_op = gl.convert_layout(p.to(k_smem.dtype), p_l)
     # Stage `prev` is free: its K was read by S_{t-1}, its V by the PV just waited on.
     gl.thread_barrier()
     _load_kv(k_desc, v_desc, kn_desc, vn_desc, bars, k_smem, v_smem, rows, t - 1 + STAGES,
@@ -175,7 +184,7 @@ def _prefill_kernel(
     qk_scale, stride_o_tok, stride_o_head, stride_bt_req,
     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, PAGE: gl.constexpr, SUB: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NEW_KV: gl.constexpr,
-    num_warps: gl.constexpr,
+    Q_REGS: gl.constexpr, num_warps: gl.constexpr,
 ):
     # Row tiles are the fastest grid dim, so the programs running at once share a few heads'
     # K/V in L2 (heads fastest, an SM-full of programs reads 100+ heads' K/V at 4K context
@@ -239,8 +248,12 @@ def _prefill_kernel(
 
         # First visited tile: S, its softmax, no PV in flight yet.
         mbarrier.wait(q_bar, 0)
+        if Q_REGS:
+            q_op = q_smem.load(gl.DotOperandLayout(operand_index=0, parent=s_l, k_width=2))
+        else:
+            q_op = q_smem
         mbarrier.wait(bars.index(0), 0)
-        s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False,
+        s = warpgroup_mma(q_op, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False,
                           is_async=True)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
         k_pos = (n_tiles - 1) * BLOCK_N + k_off
@@ -253,7 +266,7 @@ def _prefill_kernel(
         # The rest of the diagonal-crossing tiles (at most one more), then unmasked tiles.
         for t in range(1, gl.maximum(n_masked, 1)):
             acc, p_op, m_i, l_i = _step(
-                t, acc, p_op, m_i, l_i, q_smem, k_smem, v_smem, bars, k_desc, v_desc, kn_desc,
+                t, acc, p_op, m_i, l_i, q_op, k_smem, v_smem, bars, k_desc, v_desc, kn_desc,
                 vn_desc, bt_row, n_tiles, last_page, t_own0, t_own1, own_row0, kv_col, q_pos,
                 k_off, s_zero, qk_scale, PAGE, SUB, BLOCK_N, STAGES, HEAD_DIM, True, FIRST,
                 num_warps)
@@ -264,20 +277,20 @@ def _prefill_kernel(
         e2 = gl.minimum(gl.maximum(t_own1 - STAGES + 1, e1), n_tiles)
         for t in range(u0, e1):
             acc, p_op, m_i, l_i = _step(
-                t, acc, p_op, m_i, l_i, q_smem, k_smem, v_smem, bars, k_desc, v_desc, kn_desc,
+                t, acc, p_op, m_i, l_i, q_op, k_smem, v_smem, bars, k_desc, v_desc, kn_desc,
                 vn_desc, bt_row, n_tiles, last_page, t_own0, t_own1, own_row0, kv_col, q_pos,
                 k_off, s_zero, qk_scale, PAGE, SUB, BLOCK_N, STAGES, HEAD_DIM, False, PAGED,
                 num_warps)
         if NEW_KV:
             for t in range(e1, e2):
                 acc, p_op, m_i, l_i = _step(
-                    t, acc, p_op, m_i, l_i, q_smem, k_smem, v_smem, bars, k_desc, v_desc,
+                    t, acc, p_op, m_i, l_i, q_op, k_smem, v_smem, bars, k_desc, v_desc,
                     kn_desc, vn_desc, bt_row, n_tiles, last_page, t_own0, t_own1, own_row0,
                     kv_col, q_pos, k_off, s_zero, qk_scale, PAGE, SUB, BLOCK_N, STAGES, HEAD_DIM,
                     False, OWN, num_warps)
             for t in range(e2, n_tiles):
                 acc, p_op, m_i, l_i = _step(
-                    t, acc, p_op, m_i, l_i, q_smem, k_smem, v_smem, bars, k_desc, v_desc,
+                    t, acc, p_op, m_i, l_i, q_op, k_smem, v_smem, bars, k_desc, v_desc,
                     kn_desc, vn_desc, bt_row, n_tiles, last_page, t_own0, t_own1, own_row0,
                     kv_col, q_pos, k_off, s_zero, qk_scale, PAGE, SUB, BLOCK_N, STAGES, HEAD_DIM,
                     False, PAGED, num_warps)
@@ -394,6 +407,7 @@ def hopper_prefill_attention(
         scale * math.log2(math.e), out.stride(0), out.stride(1), block_table.stride(0),
         GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, PAGE=page, SUB=sub,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=STAGES, NEW_KV=new_kv is not None,
+        Q_REGS=new_kv is not None,
         num_warps=NUM_WARPS,
     )
     return out
