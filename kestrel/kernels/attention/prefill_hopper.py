@@ -178,7 +178,12 @@ def _step(t, acc, p_op, m_i, l_i, q_op, k_smem, v_smem, bars, k_desc, v_desc, kn
     return acc, p_op, m_i, l_i
 
 
-@gluon.jit
+# NOTE: like the portable kernel's, the metadata pointers are slices (requests after the
+# decodes), so their alignment is not specialized: no recompile mid-serving.
+@gluon.jit(
+    do_not_specialize=["stride_bt_req"],
+    do_not_specialize_on_alignment=["bt_ptr", "qsl_ptr", "seq_lens_ptr"],
+)
 def _prefill_kernel(
     q_desc, k_desc, v_desc, kn_desc, vn_desc, out_ptr, bt_ptr, qsl_ptr, seq_lens_ptr,
     qk_scale, stride_o_tok, stride_o_head, stride_bt_req,
