@@ -201,11 +201,13 @@ def _merge_splits(out_ptrs, lse_ptrs, final_ptrs, stride_o_split, stride_l_split
 
 
 def default_decode_config(device: torch.device, head_dim: int, num_reqs: int = 1) -> DecodeConfig:
-    """From sweeps on one H100 (head_dim 128): 64-key tiles; from 32 requests on, 128-key
-    tiles read mixed 100-2K contexts 0.3-3% faster (batch 256: 2.91-2.95 TB/s)."""
+    """From sweeps on one H100 (head_dim 128): 64-key tiles; from 128 requests on, 128-key
+    tiles read mixed 100-2K contexts 0.3-3% faster (batch 256: 2.91-2.95 TB/s). Below that
+    they tie on mixed contexts and lose on long uniform ones (batch 64 x 4K: 2.75 vs 2.92
+    TB/s): 3 stages of 128 keys hold one program per SM, 64 keys two."""
     if is_interpreter(device):
         return DecodeConfig(block_n=16, num_warps=4, num_stages=1)
-    return DecodeConfig(block_n=128 if num_reqs >= 32 else 64, num_warps=4, num_stages=3)
+    return DecodeConfig(block_n=128 if num_reqs >= 128 else 64, num_warps=4, num_stages=3)
 
 
 def choose_num_splits(num_reqs: int, num_kv_heads: int, device: torch.device) -> int:
