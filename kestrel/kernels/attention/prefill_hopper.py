@@ -144,14 +144,28 @@ def _load_kv(k_desc, v_desc, kn_desc, vn_desc, bars, k_smem, v_smem, rows, t, n_
 
 
 @gluon.jit
-def _step(t, acc, p_op, m_i, l_i, q_op, k_smem, v_smem, bars, k_desc, v_desc, kn_desc,
-          vn_desc, bt_row, n_tiles, last_page, t_own0, t_own1, own_row0, kv_col, q_pos, k_off,
-          s_zero, qk_scale, PAGE: gl.constexpr, SUB: gl.constexpr, BLOCK_N: gl.constexpr,
-          STAGES: gl.constexpr, HEAD_DIM: gl.constexpr, MASK: gl.constexpr,
-          LOAD: gl.constexpr, num_warps: gl.constexpr):
+def _steps(lo, hi, state, ring, geo, PAGE: gl.constexpr, SUB: gl.constexpr,
+           BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HEAD_DIM: gl.constexpr,
+           MASK: gl.constexpr, LOAD: gl.constexpr, num_warps: gl.constexpr):
+    """Visited tiles lo..hi-1 (`_step` each): state = (acc, p_op, m_i, l_i), ring = (q_op,
+    k_smem, v_smem, bars, k_desc, v_desc, kn_desc, vn_desc), geo = the program's geometry."""
+    acc, p_op, m_i, l_i = state
+    for t in range(lo, hi):
+        acc, p_op, m_i, l_i = _step(t, acc, p_op, m_i, l_i, ring, geo, PAGE, SUB, BLOCK_N,
+                                    STAGES, HEAD_DIM, MASK, LOAD, num_warps)
+    return acc, p_op, m_i, l_i
+
+
+@gluon.jit
+def _step(t, acc, p_op, m_i, l_i, ring, geo, PAGE: gl.constexpr, SUB: gl.constexpr,
+          BLOCK_N: gl.constexpr, STAGES: gl.constexpr, HEAD_DIM: gl.constexpr,
+          MASK: gl.constexpr, LOAD: gl.constexpr, num_warps: gl.constexpr):
     """Visited tile t >= 1: S_t = Q K_t^T and the PV of tile t - 1 are issued together and
     only S_t is waited for, so its softmax runs while the tensor cores do the PV. Then tile
     t - 1 + STAGES is loaded the LOAD way."""
+    q_op, k_smem, v_smem, bars, k_desc, v_desc, kn_desc, vn_desc = ring
+    bt_row, n_tiles, last_page, t_own0, t_own1, own_row0, kv_col, q_pos, k_off, s_zero, \
+        qk_scale = geo
     o_l: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, HEAD_DIM, 16])
     p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2)
@@ -269,36 +283,24 @@ def _prefill_kernel(
         p_op = gl.convert_layout(p.to(dtype), p_l)
 
         # The rest of the diagonal-crossing tiles (at most one more), then unmasked tiles.
-        for t in range(1, gl.maximum(n_masked, 1)):
-            acc, p_op, m_i, l_i = _step(
-                t, acc, p_op, m_i, l_i, q_op, k_smem, v_smem, bars, k_desc, v_desc, kn_desc,
-                vn_desc, bt_row, n_tiles, last_page, t_own0, t_own1, own_row0, kv_col, q_pos,
-                k_off, s_zero, qk_scale, PAGE, SUB, BLOCK_N, STAGES, HEAD_DIM, True, FIRST,
-                num_warps)
+        ring = (q_op, k_smem, v_smem, bars, k_desc, v_desc, kn_desc, vn_desc)
+        geo = (bt_row, n_tiles, last_page, t_own0, t_own1, own_row0, kv_col, q_pos, k_off,
+               s_zero, qk_scale)
+        u0 = gl.maximum(n_masked, 1)
+        acc, p_op, m_i, l_i = _steps(1, u0, (acc, p_op, m_i, l_i), ring, geo, PAGE, SUB,
+                                     BLOCK_N, STAGES, HEAD_DIM, True, FIRST, num_warps)
         # Unmasked steps in up to three runs by how the tile they load (t - 1 + STAGES) is
         # read: pages, own rows, pages; tiles past n_tiles are not loaded at all.
-        u0 = gl.maximum(n_masked, 1)
         e1 = gl.minimum(gl.maximum(t_own0 - STAGES + 1, u0), n_tiles)
         e2 = gl.minimum(gl.maximum(t_own1 - STAGES + 1, e1), n_tiles)
-        for t in range(u0, e1):
-            acc, p_op, m_i, l_i = _step(
-                t, acc, p_op, m_i, l_i, q_op, k_smem, v_smem, bars, k_desc, v_desc, kn_desc,
-                vn_desc, bt_row, n_tiles, last_page, t_own0, t_own1, own_row0, kv_col, q_pos,
-                k_off, s_zero, qk_scale, PAGE, SUB, BLOCK_N, STAGES, HEAD_DIM, False, PAGED,
-                num_warps)
+        acc, p_op, m_i, l_i = _steps(u0, e1, (acc, p_op, m_i, l_i), ring, geo, PAGE, SUB,
+                                     BLOCK_N, STAGES, HEAD_DIM, False, PAGED, num_warps)
         if NEW_KV:
-            for t in range(e1, e2):
-                acc, p_op, m_i, l_i = _step(
-                    t, acc, p_op, m_i, l_i, q_op, k_smem, v_smem, bars, k_desc, v_desc,
-                    kn_desc, vn_desc, bt_row, n_tiles, last_page, t_own0, t_own1, own_row0,
-                    kv_col, q_pos, k_off, s_zero, qk_scale, PAGE, SUB, BLOCK_N, STAGES, HEAD_DIM,
-                    False, OWN, num_warps)
-            for t in range(e2, n_tiles):
-                acc, p_op, m_i, l_i = _step(
-                    t, acc, p_op, m_i, l_i, q_op, k_smem, v_smem, bars, k_desc, v_desc,
-                    kn_desc, vn_desc, bt_row, n_tiles, last_page, t_own0, t_own1, own_row0,
-                    kv_col, q_pos, k_off, s_zero, qk_scale, PAGE, SUB, BLOCK_N, STAGES, HEAD_DIM,
-                    False, PAGED, num_warps)
+            acc, p_op, m_i, l_i = _steps(e1, e2, (acc, p_op, m_i, l_i), ring, geo, PAGE, SUB,
+                                         BLOCK_N, STAGES, HEAD_DIM, False, OWN, num_warps)
+            acc, p_op, m_i, l_i = _steps(e2, n_tiles, (acc, p_op, m_i, l_i), ring, geo, PAGE,
+                                         SUB, BLOCK_N, STAGES, HEAD_DIM, False, PAGED,
+                                         num_warps)
 
         acc = warpgroup_mma(p_op, v_smem.index((n_tiles - 1) % STAGES), acc, is_async=True)
         acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
