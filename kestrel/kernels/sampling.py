@@ -14,7 +14,8 @@ integer-bound at a quarter of the memory bandwidth.
 A row with T = 0 takes the plain argmax (greedy). Ties go to the smallest token id.
 
 The vocabulary is split into chunks so that even one row fills the GPU; each program writes
-its chunk's best (score, id) and a small torch reduction picks the winner per row.
+its chunk's best (score, id) and a second small kernel picks the winner per row (one launch,
+where argmax + gather + cast in torch were three).
 """
 
 from __future__ import annotations
@@ -136,8 +137,25 @@ def gumbel_sample(
         vocab, chunk, num_chunks, logits.stride(0), BLOCK=block, num_warps=8,
         FAST_LOG2=logits.is_cuda,
     )
-    if num_chunks == 1:
-        return best_idx[:, 0].long()
-    # Chunks are in id order and argmax returns the first maximum: ties keep the smallest id.
-    winner = best_val.argmax(dim=1, keepdim=True)  # [rows, 1]
-    return best_idx.gather(1, winner).squeeze(1).long()
+    out = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    # NOTE: sized by the vocabulary, not the batch, so one variant serves every batch size.
+    _pick_winner_kernel[(rows,)](
+        best_val, best_idx, out, num_chunks, BLOCK=triton.next_power_of_2(cdiv(vocab, block)),
+        num_warps=4,
+    )
+    return out
+
+
+@triton.jit(do_not_specialize=["num_chunks"])
+def _pick_winner_kernel(best_val_ptr, best_idx_ptr, out_ptr, num_chunks, BLOCK: tl.constexpr):
+    """Per row, the id of the best chunk; chunks are in id order and the first maximum wins,
+    so ties keep the smallest id."""
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < num_chunks
+    vals = tl.load(best_val_ptr + row * num_chunks + offs, mask=mask, other=float("-inf"))
+    top = tl.max(vals, axis=0)
+    first = tl.min(tl.where(mask & (vals == top), offs, BLOCK), axis=0)
+    first = tl.minimum(first, num_chunks - 1)  # NaN scores match nothing: stay in bounds
+    idx = tl.load(best_idx_ptr + row * num_chunks + first)
+    tl.store(out_ptr + row, idx.to(tl.int64))

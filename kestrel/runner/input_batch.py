@@ -7,8 +7,11 @@ only from `SchedulerOutput` diffs, and the conversion of one step into model inp
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 import torch
 
 from kestrel.attention.backend import AttentionMetadata
@@ -64,27 +67,6 @@ class StepInputs:
     placeholder_req_ids: list[str] = field(default_factory=list)
 
 
-class _HostStaging:
-    """Host buffers reused across steps (pinned on GPU so copies can be asynchronous).
-
-    NOTE: with async scheduling a step's host-to-device copies may still be queued when the
-    next step is prepared, so InputBatch alternates two of these. A set is reused two steps
-    later, after the host has waited for the sampled tokens of the step that used it.
-    """
-
-    def __init__(self, max_tokens: int, max_reqs: int, max_blocks: int, pin: bool) -> None:
-        def buf(*shape: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-            return torch.zeros(*shape, dtype=dtype, pin_memory=pin)
-
-        self.input_ids = buf(max_tokens)
-        self.positions = buf(max_tokens)
-        self.slot_mapping = buf(max_tokens)
-        self.query_start_loc = buf(max_reqs + 1, dtype=torch.int32)
-        self.seq_lens = buf(max_reqs, dtype=torch.int32)
-        self.block_table = buf(max_reqs, max_blocks, dtype=torch.int32)
-        self.max_tokens, self.max_reqs, self.max_blocks = max_tokens, max_reqs, max_blocks
-
-
 class InputBatch:
     def __init__(
         self,
@@ -93,17 +75,17 @@ class InputBatch:
         max_tokens: int = 0,
         max_reqs: int = 0,
         max_blocks_per_req: int = 0,
+        to_device_many: Callable[[list[tuple[Any, torch.dtype]]], list[torch.Tensor]]
+        | None = None,
     ) -> None:
+        """`to_device_many` ships a step's host arrays in one copy (the runner's StepArena);
+        without it each input is copied on its own. Block tables are `max_blocks_per_req`
+        wide when that is set."""
         self.block_size = block_size
         self.device = device
         self.states: dict[str, CachedRequestState] = {}
-        pin = device.type == "cuda"
-        self._stagings = (
-            [_HostStaging(max_tokens, max_reqs, max_blocks_per_req, pin) for _ in range(2)]
-            if max_tokens > 0
-            else []
-        )
-        self._num_prepared = 0
+        self.max_blocks_per_req = max_blocks_per_req
+        self._to_device_many = to_device_many
 
     def update(self, out: SchedulerOutput) -> None:
         for rid in out.finished_req_ids:
@@ -183,10 +165,8 @@ class InputBatch:
                 if rows > 0:
                     spans[rid] = (row0, rows, start + 1)
         tables = [self.states[r].block_ids for r in req_ids]
-        host = self._to_host(ids, pos, slots, qsl, seq_lens, tables)
-        dev = self.device
-        input_ids, positions, slot_mapping, qsl_t, seq_lens_t, table_t = (
-            t.to(dev, non_blocking=True) for t in host
+        input_ids, positions, slot_mapping, qsl_t, seq_lens_t, table_t = self._to_device(
+            ids, pos, slots, qsl, seq_lens, tables
         )
         meta = AttentionMetadata(
             num_tokens=len(ids),
@@ -211,30 +191,22 @@ class InputBatch:
             placeholder_req_ids=ph_reqs,
         )
 
-    def _to_host(self, ids: list[int], pos: list[int], slots: list[int], qsl: list[int],
-                 seq_lens: list[int], tables: list[list[int]]) -> tuple[torch.Tensor, ...]:
-        """Host tensors of the step's inputs: views of the staging buffers when they fit.
-        Block tables are right-padded with block 0 (never read: seq_lens bound the reads)."""
-        st = self._stagings[self._num_prepared % 2] if self._stagings else None
-        self._num_prepared += 1
-        n, r, w = len(ids), len(seq_lens), max(map(len, tables))
-        i64, i32 = torch.int64, torch.int32
-        if st is None or n > st.max_tokens or r > st.max_reqs or w > st.max_blocks:
-            table = torch.zeros(r, w, dtype=i32)
-            for i, row in enumerate(tables):
-                table[i, : len(row)] = torch.tensor(row, dtype=i32)
-            return (torch.tensor(ids, dtype=i64), torch.tensor(pos, dtype=i64),
-                    torch.tensor(slots, dtype=i64), torch.tensor(qsl, dtype=i32),
-                    torch.tensor(seq_lens, dtype=i32), table)
-        st.input_ids.numpy()[:n] = ids
-        st.positions.numpy()[:n] = pos
-        st.slot_mapping.numpy()[:n] = slots
-        st.query_start_loc.numpy()[: r + 1] = qsl
-        st.seq_lens.numpy()[:r] = seq_lens
-        bt = st.block_table.numpy()
+    def _to_device(self, ids: list[int], pos: list[int], slots: list[int], qsl: list[int],
+                   seq_lens: list[int], tables: list[list[int]]) -> list[torch.Tensor]:
+        """Device tensors of the step's inputs. Block tables are right-padded with block 0
+        (never read: seq_lens bound the reads)."""
+        # NOTE: the table keeps a fixed width where one is set, so its row stride never
+        # changes: Triton specializes kernels on integer arguments, and a new stride would
+        # mean a recompile.
+        width = max(map(len, tables))
+        if self.max_blocks_per_req >= width:
+            width = self.max_blocks_per_req
+        table = np.zeros((len(tables), width), dtype=np.int32)
         for i, row in enumerate(tables):
-            bt[i, : len(row)] = row
-        # NOTE: the table keeps its full width so its row stride never changes: Triton
-        # specializes kernels on integer arguments, and a new stride would mean a recompile.
-        return (st.input_ids[:n], st.positions[:n], st.slot_mapping[:n],
-                st.query_start_loc[: r + 1], st.seq_lens[:r], st.block_table[:r])
+            table[i, : len(row)] = row
+        i64, i32 = torch.int64, torch.int32
+        items = [(ids, i64), (pos, i64), (slots, i64), (qsl, i32), (seq_lens, i32), (table, i32)]
+        if self._to_device_many is not None:
+            return self._to_device_many(items)
+        return [torch.as_tensor(np.asarray(data), dtype=dtype).to(self.device)
+                for data, dtype in items]

@@ -52,12 +52,18 @@ class ModelRunner:
         self.vocab_size = int(self.hf_config.vocab_size)
         self.num_layers, self.num_kv_heads, self.head_dim = kv_cache_shape_info(self.hf_config)
         self.backend = _select_backend(model.attention_backend, self.device)
+        max_blocks = cdiv(scheduler.max_model_len, cache.block_size)
+        # A step's inputs and sampling rows fit one arena slot (~24 bytes per token, a
+        # block-table row and ~48 bytes of sampling data per request).
+        self.arena = StepArena(self.device, max(1 << 20, 24 * scheduler.max_num_batched_tokens
+                                                + (4 * max_blocks + 64) * scheduler.max_num_seqs
+                                                + (64 << 10)))
         self.batch = InputBatch(
             cache.block_size, self.device, scheduler.max_num_batched_tokens,
-            scheduler.max_num_seqs, cdiv(scheduler.max_model_len, cache.block_size),
+            scheduler.max_num_seqs, max_blocks, to_device_many=self.arena.to_device_many,
         )
-        self.arena = StepArena(self.device)
-        self.sampler = Sampler(fused=self.device.type == "cuda", to_device=self.arena.to_device)
+        self.sampler = Sampler(fused=self.device.type == "cuda",
+                               to_device_many=self.arena.to_device_many)
         # Noise keys of rows without a seed: reproducible for a given global_seed.
         self._noise_rng = np.random.default_rng(model.global_seed)
         self.kv_caches: list[torch.Tensor] = []
@@ -249,9 +255,15 @@ class ModelRunner:
         assert prev is not None and prev.sampled_device is not None, "placeholder without a step"
         where = {rid: i for i, rid in enumerate(prev.sample_req_ids)}
         src = [where[rid] for rid in inputs.placeholder_req_ids]
-        rows = self.arena.to_device(inputs.placeholder_rows, torch.int64)
-        src_t = self.arena.to_device(src, torch.int64)
-        inputs.input_ids[rows] = prev.sampled_device[src_t]
+        rows = inputs.placeholder_rows
+        n = len(rows)
+        if rows == list(range(rows[0], rows[0] + n)) and src == list(range(src[0], src[0] + n)):
+            # The common decode step (same requests, same order): one slice copy, no index
+            # upload and no gather/scatter kernels.
+            inputs.input_ids[rows[0] : rows[0] + n] = prev.sampled_device[src[0] : src[0] + n]
+            return
+        rows_t, src_t = self.arena.to_device_many([(rows, torch.int64), (src, torch.int64)])
+        inputs.input_ids[rows_t] = prev.sampled_device[src_t]
 
     def _sample(self, hidden: torch.Tensor, inputs: StepInputs, handle: StepHandle) -> None:
         if len(inputs.sample_rows) == hidden.shape[0]:

@@ -74,13 +74,15 @@ class Sampler:
     """Stateless; per-request state (generators, token history) lives in `SamplingBatch`.
 
     fused: use the Triton Gumbel-max kernel where the batch allows it (CUDA only).
-    to_device: how the fused path ships its per-row host data (the runner's pinned arena)."""
+    to_device_many: how the fused path ships its per-row host data, in one copy (the
+    runner's pinned arena)."""
 
     def __init__(
-        self, fused: bool = False, to_device: Callable[..., torch.Tensor] | None = None
+        self, fused: bool = False,
+        to_device_many: Callable[..., list[torch.Tensor]] | None = None,
     ) -> None:
         self.fused = fused
-        self.to_device = to_device
+        self.to_device_many = to_device_many
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         assert logits.dim() == 2 and logits.shape[0] == len(batch), (logits.shape, len(batch))
@@ -90,7 +92,7 @@ class Sampler:
             return SamplerOutput(empty, [])
         plan = SamplingPlan(batch, vocab)
         if self.fused and batch.noise_seeds is not None and not plan.needs_sorting:
-            sampled = _sample_fused(logits, batch, plan, self.to_device)
+            sampled = _sample_fused(logits, batch, plan, self.to_device_many)
         else:
             sampled = _sample_torch(logits.float(), batch, plan)
         logprobs: list[TokenLogprobs | None] = [None] * num_rows
@@ -115,7 +117,7 @@ def _sample_fused(
     logits: torch.Tensor,
     batch: SamplingBatch,
     plan: SamplingPlan,
-    to_device: Callable[..., torch.Tensor] | None,
+    to_device_many: Callable[..., list[torch.Tensor]] | None,
 ) -> torch.Tensor:
     """Penalties/bias (if any) in float32, then one Gumbel-max pass over the logits."""
     from kestrel.kernels.sampling import gumbel_sample
@@ -125,9 +127,12 @@ def _sample_fused(
     assert batch.noise_seeds is not None
     seeds = np.asarray(batch.noise_seeds, dtype=np.int64)
     temps = np.asarray(plan.fused_temperatures, dtype=np.float32)  # 0 = greedy
-    if to_device is None:
-        to_device = lambda data, dtype: _to_device(data, dtype, logits.device)
-    return gumbel_sample(logits, to_device(temps, torch.float32), to_device(seeds, torch.int64))
+    if to_device_many is None:
+        temps_t = _to_device(temps, torch.float32, logits.device)
+        seeds_t = _to_device(seeds, torch.int64, logits.device)
+    else:  # one copy for both
+        temps_t, seeds_t = to_device_many([(temps, torch.float32), (seeds, torch.int64)])
+    return gumbel_sample(logits, temps_t, seeds_t)
 
 
 def _to_device(data: list | np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -119,6 +119,24 @@ def test_async_scheduling_equals_sync(path, reference, opts):
     assert llm.engine.kv.usage == 0.0 and not llm.engine.has_unfinished()
 
 
+def test_staged_step_copies_equal_sync(path, reference, monkeypatch):
+    """The GPU path's one-copy staging (StepArena slots, placeholder slices), run on CPU."""
+    from kestrel.runner import model_runner
+    from kestrel.runner.staging import StepArena
+
+    monkeypatch.setattr(model_runner, "StepArena",
+                        lambda device, nbytes: StepArena(device, nbytes, staged=True))
+    llm = LLM(path, dtype="float32", async_scheduling="on", max_num_batched_tokens=16)
+    assert llm.engine.executor.runner.arena.enabled
+    # Requests finish at different steps, so placeholder rows are both contiguous
+    # (one slice copy) and scattered (index upload).
+    params = [GREEDY.clone(max_tokens=4 + 4 * i) for i in range(len(PROMPTS))]
+    expected = [reference[i][: 4 + 4 * i] for i in range(len(PROMPTS))]
+    assert tokens(llm, PROMPTS, params) == expected
+    assert tokens(llm, PROMPTS, params) == expected  # prefix-cache hits reorder the rows
+    assert llm.engine.kv.usage == 0.0
+
+
 def test_async_scheduling_stops_like_sync(path):
     base = SamplingParams(temperature=0, max_tokens=30)
     sync = LLM(path, dtype="float32", async_scheduling="off")
