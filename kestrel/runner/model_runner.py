@@ -70,6 +70,7 @@ class ModelRunner:
         self.graphs: CUDAGraphRunner | None = None
         self._buckets = batch_buckets(scheduler.max_num_seqs)  # graph batch sizes
         self._last_handle: StepHandle | None = None
+        self._d2h = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.timings = {"load_weights_s": time.perf_counter() - t0}
 
     # ------------------------------------------------------------------ KV cache
@@ -287,10 +288,15 @@ class ModelRunner:
         sampled = out.sampled_token_ids  # [num_sampling] int64, on the device
         handle.sampled_device = sampled
         if self.device.type == "cuda":
+            # NOTE: on a stream of its own, so the next step's kernels need not queue behind
+            # the copy (and its switch to the copy engine) between two steps.
             handle.sampled_host = self.arena.host(sampled.numel(), torch.int64)
-            handle.sampled_host.copy_(sampled, non_blocking=True)
-            handle.copied = torch.cuda.Event()
-            handle.copied.record()
+            self._d2h.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self._d2h):
+                handle.sampled_host.copy_(sampled, non_blocking=True)
+                handle.copied = torch.cuda.Event()
+                handle.copied.record()
+            sampled.record_stream(self._d2h)
         else:
             handle.sampled_host = sampled
         for state, lp in zip(states, out.logprobs):
