@@ -1,6 +1,9 @@
 """Batch-1 decode on a real-shape model: host profile and GPU busy time per token.
 
-Usage: python benchmarks/profile_batch1.py [--shape llama3-8b] [--tokens 256]
+Usage: python benchmarks/profile_batch1.py [--shape llama3-8b] [--tokens 256] [--repeat N]
+
+--repeat N: no profilers; N timed generations, median and minimum ms/token (A/B of changes
+worth ~1%, which one 512-token run of `kestrel bench throughput` cannot resolve).
 """
 
 from __future__ import annotations
@@ -8,6 +11,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
+import statistics
 import time
 
 import torch
@@ -20,12 +24,22 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="llama3-8b")
     ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--repeat", type=int, default=0)
     args = ap.parse_args()
     llm = LLM(save_random_weights_cached("/tmp/kestrel-random-weights", args.shape),
               max_model_len=4096)
     prompt = [[(i * 7919) % 10000 for i in range(128)]]
     params = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)
     llm.generate(prompt, params, use_tqdm=False)
+    if args.repeat:
+        times = []
+        for _ in range(args.repeat):
+            t0 = time.perf_counter()
+            llm.generate(prompt, params, use_tqdm=False)
+            times.append(1000 * (time.perf_counter() - t0) / args.tokens)
+        print(f"ms/token over {args.repeat} runs: median {statistics.median(times):.3f}, "
+              f"min {min(times):.3f} ({', '.join(f'{t:.3f}' for t in times)})")
+        return
     prof = cProfile.Profile()
     t0 = time.perf_counter()
     prof.enable()
