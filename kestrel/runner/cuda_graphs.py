@@ -2,7 +2,8 @@
 
 Owns the static input buffers, capture (largest bucket first, one shared memory pool) and
 replay. A decode step of n requests runs the graph of the smallest bucket >= n; rows past n are
-padding: slot -1 (the KV store skips it), context length 1, block 0, outputs ignored.
+padding: slot -1 (the KV store skips it), context length 1, block 0, outputs ignored. One
+kernel fills the static inputs and the padding before each replay.
 Mixed prefill/decode steps run eagerly. Must not be used on CPU.
 """
 
@@ -14,6 +15,7 @@ import time
 import torch
 
 from kestrel.attention.backend import AttentionBackend, AttentionMetadata
+from kestrel.kernels.graph_inputs import fill_decode_inputs
 from kestrel.runner.forward_context import ForwardContext, set_forward_context
 from kestrel.utils.math import cdiv
 
@@ -100,19 +102,16 @@ class CUDAGraphRunner:
         )
 
     def run(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+        new_ids: tuple[torch.Tensor, int, int, int] | None = None,
     ) -> torch.Tensor:
+        """new_ids: see `fill_decode_inputs` (placeholder ids taken from the device)."""
         n = meta.num_reqs
         bs = next(b for b in self.buckets if b >= n)
-        self.input_ids[:n].copy_(input_ids, non_blocking=True)
-        self.positions[:n].copy_(positions, non_blocking=True)
-        self.slot_mapping[:n].copy_(meta.slot_mapping, non_blocking=True)
-        self.seq_lens[:n].copy_(meta.seq_lens, non_blocking=True)
-        width = meta.block_table.shape[1]
-        self.block_table[:n, :width].copy_(meta.block_table, non_blocking=True)
-        if bs > n:  # padding rows: write nothing, attend to one slot of block 0
-            self.slot_mapping[n:bs].fill_(-1)
-            self.seq_lens[n:bs].fill_(1)
-            self.block_table[n:bs, 0].fill_(0)
+        fill_decode_inputs(
+            (input_ids, positions, meta.slot_mapping, meta.seq_lens, meta.block_table),
+            (self.input_ids, self.positions, self.slot_mapping, self.seq_lens, self.block_table),
+            bs, new_ids,
+        )
         self.graphs[bs].replay()
         return self.outputs[bs][:n]  # [n, hidden]

@@ -211,13 +211,14 @@ class ModelRunner:
             return StepHandle(req_ids=[], sample_req_ids=[])
         self.arena.begin_step()
         inputs = self.batch.prepare(out)
-        if inputs.placeholder_rows:
-            self._fill_placeholders(inputs)
         meta = inputs.attn_metadata
         if meta.num_tokens == meta.num_reqs:  # decode only: split KV as its graph bucket does
             meta.split_batch_size = next((b for b in self._buckets if b >= meta.num_reqs), 0)
-        if self.graphs is not None and self.graphs.can_run(meta):
-            hidden = self.graphs.run(inputs.input_ids, inputs.positions, meta)
+        use_graph = self.graphs is not None and self.graphs.can_run(meta)
+        new_ids = self._fill_placeholders(inputs, use_graph) if inputs.placeholder_rows else None
+        if use_graph:
+            assert self.graphs is not None
+            hidden = self.graphs.run(inputs.input_ids, inputs.positions, meta, new_ids)
         else:
             with set_forward_context(ForwardContext(meta, self.kv_caches, self.backend)):
                 hidden = self.model(inputs.input_ids, inputs.positions)  # [num_tokens, hidden]
@@ -251,7 +252,12 @@ class ModelRunner:
         handle.result = result
         return result
 
-    def _fill_placeholders(self, inputs: StepInputs) -> None:
+    def _fill_placeholders(
+        self, inputs: StepInputs, defer_slice: bool
+    ) -> tuple[torch.Tensor, int, int, int] | None:
+        """Put the previous step's sampled ids into this step's placeholder rows. With
+        `defer_slice`, a slice is not copied but returned as (tokens, row0, src0, count) for
+        the CUDA graph's input kernel to read directly."""
         prev = self._last_handle
         assert prev is not None and prev.sampled_device is not None, "placeholder without a step"
         where = {rid: i for i, rid in enumerate(prev.sample_req_ids)}
@@ -259,12 +265,15 @@ class ModelRunner:
         rows = inputs.placeholder_rows
         n = len(rows)
         if rows == list(range(rows[0], rows[0] + n)) and src == list(range(src[0], src[0] + n)):
-            # The common decode step (same requests, same order): one slice copy, no index
-            # upload and no gather/scatter kernels.
+            # The common decode step (same requests, same order): no index upload and no
+            # gather/scatter kernels; one slice copy, or none under a graph.
+            if defer_slice:
+                return prev.sampled_device, rows[0], src[0], n
             inputs.input_ids[rows[0] : rows[0] + n] = prev.sampled_device[src[0] : src[0] + n]
-            return
+            return None
         rows_t, src_t = self.arena.to_device_many([(rows, torch.int64), (src, torch.int64)])
         inputs.input_ids[rows_t] = prev.sampled_device[src_t]
+        return None
 
     def _sample(self, hidden: torch.Tensor, inputs: StepInputs, handle: StepHandle) -> None:
         if len(inputs.sample_rows) == hidden.shape[0]:
