@@ -67,7 +67,8 @@ def _hash_uniform(key, idx):
     bits, exact in float32 and never 0 or 1."""
     x = _mix32(idx.to(tl.uint32) * 0x9E3779B1 + key)
     one_plus = ((x >> 9) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + k / 2^23
-    return (one_plus - 1.0) + 0.5 / 8388608.0
+    # One subtraction of 1 - 2^-24 (a float32): the exact result is representable.
+    return one_plus - 0.99999994039535522
 
 
 # NOTE: sizes that change with the batch are not specialized, so no batch size compiles a
