@@ -27,6 +27,7 @@ SHAPES = {  # name: (n, k)
     "0.6b down": (1024, 3072),
     "8b qkv": (6144, 4096), "8b o": (4096, 4096), "8b gate_up": (28672, 4096),
     "8b down": (4096, 14336),
+    "0.6b lm_head": (151936, 1024), "8b lm_head": (128256, 4096),
 }
 LAYERS = {"0.6b": 28, "8b": 32}
 ROWS = (64, 128, 214, 256)
@@ -69,7 +70,7 @@ def sweep(best: dict) -> list:
 def chains(best: dict) -> list:
     rows = []
     for model, num_layers in LAYERS.items():
-        names = [s for s in SHAPES if s.startswith(model + " ")]
+        names = [s for s in SHAPES if s.startswith(model + " ") and "lm_head" not in s]
         layers = [[torch.randn(*SHAPES[s], device="cuda", dtype=DTYPE) / SHAPES[s][1] ** 0.5
                    for s in names] for _ in range(num_layers)]
         nbytes = sum(n * k * 2 for n, k in (SHAPES[s] for s in names)) * num_layers
@@ -83,7 +84,7 @@ def chains(best: dict) -> list:
             }
             times = {}
             for label, fn in fns.items():
-                def step(fn=fn, xs=xs):
+                def step(fn=fn, xs=xs, layers=layers, names=names):
                     for ws in layers:
                         for x, w, s in zip(xs, ws, names, strict=True):
                             fn(x, w, s)

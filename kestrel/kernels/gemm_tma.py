@@ -19,8 +19,14 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kestrel.kernels.gemm import GemmScratch
-from kestrel.kernels.utils import cdiv, check_x_weight, next_power_of_2, num_sms, pdl_options
-from kestrel.kernels.utils import pdl_wait
+from kestrel.kernels.utils import (
+    cdiv,
+    check_x_weight,
+    next_power_of_2,
+    num_sms,
+    pdl_options,
+    pdl_wait,
+)
 
 _SMEM_BUDGET = 192 * 1024  # bytes of operand stages per program (H100: 227 KB per block)
 
