@@ -90,24 +90,32 @@ def _gemm_kernel(
         x_ptrs += BLOCK_K
 
     y_ptrs = y_ptr + offs_m.to(tl.int64)[None, :] * stride_ym + offs_n[:, None]
+    p_offs = offs_m.to(tl.int64)[None, :] * N + offs_n[:, None]
     y_mask = mask_n[:, None] & mask_m[None, :]
-    if SPLIT_K == 1:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+    count = count_ptr + pid_m * tl.num_programs(0) + pid_n
+    store_split_tile(acc, y_ptrs, y_mask, part_ptr, p_offs, M * N, count, pid_k, SPLIT_K,
+                     SPLIT_K > 1)
+
+
+@triton.jit
+def store_split_tile(acc, y_ptrs, mask, part_ptr, p_offs, tile_elems, count_ptr, pid_k, splits,
+                     SPLIT: tl.constexpr):
+    """Store one output tile. With K split over `splits` programs, park this split's fp32
+    partial at part[pid_k, m, n] (p_offs = m * N + n) and let the last split of the tile to
+    arrive add all partials in split order (deterministic), then reset its counter."""
+    if not SPLIT:
+        tl.store(y_ptrs, acc.to(y_ptrs.dtype.element_ty), mask=mask)
     else:
-        # Partials live at part[split, m, n] (fp32); the last split of this tile adds them.
-        tile_elems = M * N
-        p_offs = offs_m.to(tl.int64)[None, :] * N + offs_n[:, None]
-        tl.store(part_ptr + pid_k * tile_elems + p_offs, acc, mask=y_mask)
+        tl.store(part_ptr + pid_k * tile_elems + p_offs, acc, mask=mask)
         tl.debug_barrier()  # every thread's partial precedes the release below
-        count = count_ptr + pid_m * tl.num_programs(0) + pid_n
-        if tl.atomic_add(count, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
-            total = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-            for s in range(0, SPLIT_K):
+        if tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu") == splits - 1:
+            total = tl.zeros(acc.shape, dtype=tl.float32)
+            for s in range(0, splits):
                 # .cg: other SMs wrote these; read from L2, never a stale L1 line.
-                total += tl.load(part_ptr + s * tile_elems + p_offs, mask=y_mask, other=0.0,
+                total += tl.load(part_ptr + s * tile_elems + p_offs, mask=mask, other=0.0,
                                  cache_modifier=".cg")
-            tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=y_mask)
-            tl.atomic_xchg(count, 0)  # ready for the next launch (e.g. a graph replay)
+            tl.store(y_ptrs, total.to(y_ptrs.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(count_ptr, 0)  # ready for the next launch (e.g. a graph replay)
 
 
 def gemm_config(m: int, n: int, k: int, device: torch.device) -> GemmConfig:
@@ -153,7 +161,21 @@ class GemmScratch:
         return parts, counts
 
 
-_SCRATCH = GemmScratch()
+    def for_launch(self, y: torch.Tensor, splits: int, tiles: int):
+        """(partials, counters) for a launch writing y [m, n] in `splits` K splits over
+        `tiles` output tiles; y itself (never touched) when K is not split."""
+        if splits == 1:
+            return y, y
+        return self.get(y.device, splits * y.numel(), tiles)
+
+
+SCRATCH = GemmScratch()
+
+
+def split_plan(k: int, split_k: int, block_k: int) -> tuple[int, int]:
+    """(K per split, rounded up to whole K tiles; the number of splits that leaves)."""
+    k_per_split = cdiv(cdiv(k, split_k), block_k) * block_k
+    return k_per_split, cdiv(k, k_per_split)
 
 
 def gemm(
@@ -181,13 +203,9 @@ def gemm(
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m > 0:
         cfg = config or gemm_config(m, n, k, x.device)
-        k_per_split = cdiv(cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
-        split_k = cdiv(k, k_per_split)
+        k_per_split, split_k = split_plan(k, cfg.split_k, cfg.block_k)
         grid = (cdiv(n, cfg.block_n), cdiv(m, cfg.block_m), split_k)
-        if split_k > 1:
-            parts, counts = _SCRATCH.get(x.device, split_k * m * n, grid[0] * grid[1])
-        else:
-            parts = counts = y  # unused
+        parts, counts = SCRATCH.for_launch(y, split_k, grid[0] * grid[1])
         pdl = pdl_options(x.device)
         _gemm_kernel[grid](
             x, weight, y, parts, counts, m, n, k, k_per_split,

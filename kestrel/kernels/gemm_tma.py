@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kestrel.kernels.gemm import GemmScratch
+from kestrel.kernels.gemm import SCRATCH, split_plan, store_split_tile
 from kestrel.kernels.utils import (
     cdiv,
     check_x_weight,
@@ -99,24 +99,10 @@ def _gemm_tma_kernel(
         offs_n = off_n + tl.arange(0, BLOCK_N)[None, :]  # [1, BLOCK_N]
     mask = (offs_n < N) & (offs_m < M)
     y_ptrs = y_ptr + offs_m.to(tl.int64) * stride_ym + offs_n
-    if not SPLIT:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
-    else:
-        # Partials live at part[split, m, n] (fp32); the last split of this tile adds them.
-        tile_elems = M * N
-        p_offs = offs_m.to(tl.int64) * N + offs_n
-        tl.store(part_ptr + pid_k * tile_elems + p_offs, acc, mask=mask)
-        tl.debug_barrier()  # every thread's partial precedes the release below
-        splits = tl.num_programs(2)
-        count = count_ptr + pid_m * tl.num_programs(0) + pid_n
-        if tl.atomic_add(count, 1, sem="acq_rel", scope="gpu") == splits - 1:
-            total = tl.zeros(acc.shape, dtype=tl.float32)
-            for s in range(0, splits):
-                # .cg: other SMs wrote these; read from L2, never a stale L1 line.
-                total += tl.load(part_ptr + s * tile_elems + p_offs, mask=mask, other=0.0,
-                                 cache_modifier=".cg")
-            tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=mask)
-            tl.atomic_xchg(count, 0)  # ready for the next launch (e.g. a graph replay)
+    p_offs = offs_m.to(tl.int64) * N + offs_n
+    count = count_ptr + pid_m * tl.num_programs(0) + pid_n
+    store_split_tile(acc, y_ptrs, mask, part_ptr, p_offs, M * N, count, pid_k,
+                     tl.num_programs(2), SPLIT)
 
 
 def _stages(block_m: int, block_n: int, block_k: int, elem: int) -> int:
@@ -169,9 +155,6 @@ def candidate_configs(m: int, n: int, k: int, elem: int = 2) -> list[TmaGemmConf
     return out
 
 
-_SCRATCH = GemmScratch()
-
-
 def gemm_tma(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -196,13 +179,9 @@ def gemm_tma(
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m > 0:
         cfg = config or tma_config(m, n, k, x.device, x.element_size())
-        k_per_split = cdiv(cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
-        split_k = cdiv(k, k_per_split)
+        k_per_split, split_k = split_plan(k, cfg.split_k, cfg.block_k)
         grid = (cdiv(n, cfg.block_n), cdiv(m, cfg.block_m), split_k)
-        if split_k > 1:
-            parts, counts = _SCRATCH.get(x.device, split_k * m * n, grid[0] * grid[1])
-        else:
-            parts = counts = y  # unused
+        parts, counts = SCRATCH.for_launch(y, split_k, grid[0] * grid[1])
         x_desc = TensorDescriptor.from_tensor(x, [cfg.block_m, cfg.block_k])
         w_desc = TensorDescriptor.from_tensor(weight, [cfg.block_n, cfg.block_k])
         pdl = pdl_options(x.device)

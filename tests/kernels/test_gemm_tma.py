@@ -5,6 +5,7 @@ import torch
 
 from kestrel.kernels.gemm_tma import TmaGemmConfig, candidate_configs, gemm_tma, tma_config
 from tests.kernels.paged_refs import rel_err
+from tests.kernels.test_gemm import check_against_float64
 
 # (m, n, k, config): both orientations, ragged m and n (rows past the end read as zero), K not a
 # multiple of the tile, split-K with a short last split, and the heuristic's own choice.
@@ -22,17 +23,7 @@ CASES = [
 @pytest.mark.parametrize("m, n, k, cfg", CASES)
 @pytest.mark.parametrize("bias", [False, True])
 def test_gemm_tma_matches_float64(m, n, k, cfg, bias, device):
-    gen = torch.Generator().manual_seed(m * n + k)
-    x = torch.randn(m, k, generator=gen).to(device)
-    w = torch.randn(n, k, generator=gen).to(device)
-    b = torch.randn(n, generator=gen).to(device) if bias else None
-    ref = x.double() @ w.double().T + (b.double() if bias else 0)
-    out = gemm_tma(x, w, b, config=cfg)
-    assert out.shape == (m, n) and out.dtype == x.dtype
-    assert rel_err(out, ref) < 1e-5
-    # Split-K adds partials in split order and resets its counters: a second launch (as a
-    # graph replay would) gives the same bits.
-    assert torch.equal(gemm_tma(x, w, b, config=cfg), out)
+    check_against_float64(gemm_tma, m, n, k, cfg, bias, device)
 
 
 def test_gemm_tma_config_fills_the_gpu():
