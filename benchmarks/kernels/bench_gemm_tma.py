@@ -3,9 +3,9 @@
     python benchmarks/kernels/bench_gemm_tma.py
 
 For each projection of Qwen3-0.6B and Llama-3-8B at 64 / 128 / 214 / 256 rows, every tile
-config of `kestrel.kernels.gemm_tma` (both orientations, 1-8 K splits) is timed as one kernel per
-graph replay with L2 flushed; then each model's 4 projections x all layers run in one CUDA graph
-with the best config per shape, next to cuBLAS and the pointer-load skinny GEMM.
+config of `gemm_tma.py` beside this file (both orientations, 1-8 K splits) is timed as one
+kernel per graph replay with L2 flushed; then each model's 4 projections x all layers run in
+one CUDA graph with the best config per shape, next to cuBLAS and the pointer-load skinny GEMM.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 import triton.testing
 from bench_utils import bench_rotating, copy_bandwidth_tbps, device_summary, print_table
+from gemm_tma import TmaGemmConfig, candidate_configs, gemm_tma, tma_config
 
 from kestrel.kernels.gemm import gemm
-from kestrel.kernels.gemm_tma import TmaGemmConfig, candidate_configs, gemm_tma, tma_config
 
 DTYPE = torch.bfloat16
 SHAPES = {  # name: (n, k)

@@ -10,7 +10,6 @@ Packed layers also expose `shard_ids` (the shard names a full load must visit).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
@@ -35,8 +34,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """x W^T (+ b). On CUDA in 16-bit: one row (batch-1 decode) takes the Triton GEMV, which
     streams the weight 5-13% faster than cuBLAS at 0.6B-8B shapes on one H100
     (benchmarks/kernels/bench_decode_small.py); 2-32 rows against a small weight take the
-    skinny Triton GEMM (see `takes_gemm`); wider decode batches on Hopper the TMA GEMM (see
-    `takes_gemm_tma`); the rest cuBLAS."""
+    skinny Triton GEMM (see `takes_gemm`); the rest cuBLAS."""
     if takes_gemv(x):
         from kestrel.kernels.gemv import gemv
 
@@ -45,10 +43,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         from kestrel.kernels.gemm import gemm
 
         return gemm(x, weight, bias)
-    if takes_gemm_tma(x, weight):
-        from kestrel.kernels.gemm_tma import gemm_tma
-
-        return gemm_tma(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
@@ -73,26 +67,6 @@ def takes_gemm(x: torch.Tensor, weight: torch.Tensor) -> bool:
     from kestrel.kernels.utils import pdl_options
 
     return bool(pdl_options(x.device))
-
-
-# Rows for which the TMA GEMM replaces cuBLAS (Hopper, under PDL): decode batches, where
-# cuBLAS launches too few tiles to stream the weights (benchmarks/kernels/bench_gemm_tma.py).
-TMA_GEMM_ROWS = (GEMM_MAX_ROWS + 1, 256)
-
-
-def takes_gemm_tma(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """True for the inputs `linear` sends to the TMA GEMM: 16-bit decode batches of
-    TMA_GEMM_ROWS rows on Hopper with programmatic dependent launch, operands 16-byte aligned
-    (a TMA rule). KESTREL_TMA_GEMM=0 turns it off."""
-    lo, hi = TMA_GEMM_ROWS
-    if not (x.is_cuda and x.dim() == 2 and lo <= x.shape[0] <= hi and x.dtype in _GEMV_DTYPES
-            and weight.dtype == x.dtype and os.environ.get("KESTREL_TMA_GEMM") != "0"):
-        return False
-    from kestrel.kernels.utils import is_hopper, pdl_options
-
-    aligned = all(t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0
-                  and t.stride(1) == 1 for t in (x, weight))
-    return aligned and is_hopper(x.device) and bool(pdl_options(x.device))
 
 
 def takes_gemv(x: torch.Tensor) -> bool:

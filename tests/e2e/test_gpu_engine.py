@@ -92,31 +92,18 @@ def test_prefill_own_keys_identical(path, monkeypatch):
     assert [c.token_ids for c in own] == [c.token_ids for c in cached]
 
 
-def test_wide_decode_batches_tma_gemm(path, monkeypatch):
-    """40 requests: decode steps of 33-64 rows take the TMA GEMM on Hopper (graphs on and off
-    give the same tokens), close to cuBLAS through the reference backend."""
-    import kestrel.layers.linear as linear_mod
-
+def test_wide_decode_batches(path):
+    """40 requests: decode steps of 33-40 rows (cuBLAS GEMMs, 48-row graphs padded) give the
+    same tokens with graphs on and off, close to the reference backend."""
     prompts = [[5 + (i * 7 + j) % 400 for j in range(3 + 11 * i)] for i in range(40)]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=5)
-    calls = []
-    takes = linear_mod.takes_gemm_tma
-
-    def spy(x, w):
-        calls.append(takes(x, w))
-        return calls[-1]
-
-    monkeypatch.setattr(linear_mod, "takes_gemm_tma", spy)
 
     def run(**opts):
         llm = LLM(path, dtype="bfloat16", device="cuda", **opts)
         return [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
 
     graphs = run()
-    if torch.cuda.get_device_capability() == (9, 0):
-        assert any(calls)
     eager = run(enforce_eager=True)
     assert [c.token_ids for c in graphs] == [c.token_ids for c in eager]
-    monkeypatch.setattr(linear_mod, "takes_gemm_tma", lambda x, w: False)
     ref = run(attention_backend="reference", enforce_eager=True)
-    check_logprobs_close(ref, graphs, "cuBLAS", "TMA GEMM")
+    check_logprobs_close(ref, graphs, "reference", "triton")

@@ -1,8 +1,11 @@
-"""Decode-batch GEMM through TMA descriptors: y[m, n] = sum_k x[m, k] * W[n, k], 32-256 rows.
+"""A measured alternative to cuBLAS, not used by the engine: decode-batch GEMM through TMA
+descriptors, y[m, n] = sum_k x[m, k] * W[n, k] at 32-256 rows (bench_gemm_tma.py times it).
 
-Owns the kernel, its tile choice and the candidate tiles a benchmark sweeps. Must not own
-weights. Both operands arrive by tensor-memory-accelerator copies (out-of-bounds rows and
-columns read as zero, so the loop has no masks), which Triton pipelines into the tensor cores on
+On one H100 it lost to cuBLAS (see benchmarks/kernels/NOTES.md), so `kestrel.layers.linear`
+keeps cuBLAS for these batches; the kernel stays here so the measurement can be repeated.
+
+Both operands arrive by tensor-memory-accelerator copies (out-of-bounds rows and columns read
+as zero, so the loop has no masks), which Triton pipelines into the tensor cores on
 Hopper. Two orientations: SWAP puts the weight rows on the MMA's M dimension and the tokens on N
 (W x^T), the other is the plain x W^T. K is split over programs when the output tiles alone
 cannot fill the GPU; the last program of a tile adds the fp32 partials in split order
