@@ -15,6 +15,7 @@ two streams (A at high priority, or both equal), and the share of the shorter gr
 from __future__ import annotations
 
 import argparse
+import ctypes
 import time
 
 import torch
@@ -58,11 +59,66 @@ def _graph(fn):
     return g
 
 
+def _green_streams(num_sms_b: int):
+    """Two streams on disjoint SM sets (CUDA green contexts through the driver API): B gets
+    `num_sms_b` SMs, A the rest. Returns (stream_a, stream_b, sms_a, sms_b)."""
+    cu = ctypes.CDLL("libcuda.so.1")
+    dev = ctypes.c_int()
+    _check(cu.cuDeviceGet(ctypes.byref(dev), torch.cuda.current_device()), "cuDeviceGet")
+    whole, part, rest = (ctypes.create_string_buffer(4096) for _ in range(3))
+    _check(cu.cuDeviceGetDevResource(dev, whole, 1), "cuDeviceGetDevResource")  # 1: SMs
+    groups = ctypes.c_uint(1)
+    _check(cu.cuDevSmResourceSplitByCount(part, ctypes.byref(groups), whole, rest, 0,
+                                          num_sms_b), "cuDevSmResourceSplitByCount")
+    streams, counts = [], []
+    for res in (rest, part):
+        desc, ctx, stream = ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_void_p()
+        _check(cu.cuDevResourceGenerateDesc(ctypes.byref(desc), res, 1), "GenerateDesc")
+        _check(cu.cuGreenCtxCreate(ctypes.byref(ctx), desc, dev, 1), "cuGreenCtxCreate")
+        _check(cu.cuGreenCtxStreamCreate(ctypes.byref(stream), ctx, 1, 0), "StreamCreate")
+        streams.append(torch.cuda.ExternalStream(stream.value))
+        counts.append(int.from_bytes(res.raw[96:100], "little"))  # CUdevSmResource.smCount
+    return streams[0], streams[1], counts[0], counts[1]
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        raise RuntimeError(f"{what} failed with CUresult {rc}")
+
+
+def _timed(launch, reps: int = 7) -> float:
+    """Median ms of launch() (eager kernels on any streams that it joins back)."""
+    times = []
+    for _ in range(reps + 1):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        launch()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times[1:])[reps // 2]
+
+
+def _on(streams_fns):
+    """Run each fn on its stream, all after the current stream's work, then join them."""
+    cur = torch.cuda.current_stream()
+    for stream, _ in streams_fns:
+        stream.wait_stream(cur)
+    for stream, fn in streams_fns:
+        with torch.cuda.stream(stream):
+            fn()
+    for stream, _ in streams_fns:
+        cur.wait_stream(stream)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=213)
     ap.add_argument("--prefill-rows", type=int, default=2048)
     ap.add_argument("--decode-steps", type=int, default=2, help="decode steps in graph A")
+    ap.add_argument("--green", type=int, nargs="*", default=[],
+                    help="also run eagerly on disjoint SM sets, B getting each of these counts")
     args = ap.parse_args()
     print(f"# bench_overlap.py --batch {args.batch} --prefill-rows {args.prefill_rows} "
           f"--decode-steps {args.decode_steps}")
@@ -164,6 +220,30 @@ def main() -> None:
                      f"{(ta + tc - t) / min(ta, tc):.0%} of the shorter hidden"))
     rows.append(("serial A + B", ta + tb, "", ""))
     print_table(["graphs", "ms", "TB/s (KV + weights)", "note"], rows)
+    if args.green:
+        green(args.green, decode, prefill)
+
+
+def green(counts, decode, prefill) -> None:
+    """Eager launches (no graphs) on streams of disjoint green contexts."""
+    cur = torch.cuda.current_stream()
+    ea, eb = _timed(decode), _timed(prefill)
+    rows = [("eager A, all SMs", ea, ""), ("eager B, all SMs", eb, ""),
+            ("eager serial A + B", ea + eb, "")]
+    for n in counts:
+        try:
+            sa, sb, na, nb = _green_streams(n)
+        except (OSError, RuntimeError, AttributeError) as e:
+            print(f"# green contexts unavailable: {e}")
+            return
+        ga = _timed(lambda sa=sa: _on([(sa, decode)]))
+        gb = _timed(lambda sb=sb: _on([(sb, prefill)]))
+        both = _timed(lambda sa=sa, sb=sb: _on([(sb, prefill), (sa, decode)]))
+        rows += [(f"A alone on {na} SMs", ga, ""), (f"B alone on {nb} SMs", gb, ""),
+                 (f"A ({na} SMs) || B ({nb} SMs)", both,
+                  f"{1 - both / (ea + eb):.1%} under eager serial")]
+    assert torch.cuda.current_stream() == cur
+    print_table(["eager, green contexts", "ms", "note"], rows)
 
 
 if __name__ == "__main__":
