@@ -10,6 +10,10 @@ o GEMM, gate_up GEMM, SiLU-and-mul and down GEMM at `--batch` rows, each layer w
 once per chunk, so running B on a side stream costs no second weight read of note; the question
 is whether the GPU interleaves the two: it prints A alone, B alone, both launched together on
 two streams (A at high priority, or both equal), and the share of the shorter graph hidden.
+
+`--green N ...` also runs both eagerly on disjoint SM sets (CUDA green contexts from the driver
+API, B on N SMs and A on the rest): the SM partition a persistent-kernel design would fix. That
+path has not been run on a GPU yet (benchmarks/kernels/NOTES.md, "Left open").
 """
 
 from __future__ import annotations
