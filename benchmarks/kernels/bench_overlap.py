@@ -177,18 +177,7 @@ def main() -> None:
                                   ("A || B, B high priority", 0, -1)):
         sa, sb = torch.cuda.Stream(priority=prio_a), torch.cuda.Stream(priority=prio_b)
 
-        def both(sa=sa, sb=sb):
-            cur = torch.cuda.current_stream()
-            sa.wait_stream(cur)
-            sb.wait_stream(cur)
-            with torch.cuda.stream(sb):
-                gb.replay()
-            with torch.cuda.stream(sa):
-                ga.replay()
-            cur.wait_stream(sa)
-            cur.wait_stream(sb)
-
-        t = bench(both)
+        t = bench(lambda sa=sa, sb=sb: _on([(sb, gb.replay), (sa, ga.replay)]))
         hidden = (ta + tb - t) / min(ta, tb)
         rows.append((label, t, "", f"{hidden:.0%} of the shorter hidden"))
     # B's GEMMs told to leave SMs free (cuBLASLt SM count target), A at high priority.
@@ -207,18 +196,7 @@ def main() -> None:
         tc = bench(gc.replay)
         sa, sb = torch.cuda.Stream(priority=-1), torch.cuda.Stream(priority=0)
 
-        def both_c(sa=sa, sb=sb, gc=gc):
-            cur = torch.cuda.current_stream()
-            sa.wait_stream(cur)
-            sb.wait_stream(cur)
-            with torch.cuda.stream(sb):
-                gc.replay()
-            with torch.cuda.stream(sa):
-                ga.replay()
-            cur.wait_stream(sa)
-            cur.wait_stream(sb)
-
-        t = bench(both_c)
+        t = bench(lambda sa=sa, sb=sb, gc=gc: _on([(sb, gc.replay), (sa, ga.replay)]))
         rows.append((f"B, {sms} SMs left free", tc, "", f"{flops / tc / 1e9:.0f} TFLOP/s"))
         rows.append((f"A || B({sms} SMs free)", t, "",
                      f"{(ta + tc - t) / min(ta, tc):.0%} of the shorter hidden"))
