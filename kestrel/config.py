@@ -72,9 +72,10 @@ class SchedulerConfig:
     # Schedule step N+1 while step N runs (its sampled ids feed N+1 on the device):
     # auto = on for GPUs, off on CPU (where nothing would overlap) | on | off
     async_scheduling: str = "auto"
-    # KV kept free for running requests' future tokens when admitting new ones, as a share
-    # of their remaining max_tokens; rises by 0.1 after each preemption and decays by 0.001
-    # a step down to a tenth of its start (0 = admit while blocks are free, never reserve).
+    # Admission reserves KV for running requests' future tokens (see scheduler/reservation):
+    # all of them for requests that can only end by length, this share of the remaining
+    # max_tokens for those that may stop early; it rises by 0.1 after each preemption and
+    # decays by 0.001 a step down to a tenth of its start (0 = admit while blocks are free).
     new_token_ratio: float = 0.7  # share of future tokens reserved at admission (0 = none)
 
     def __post_init__(self) -> None:

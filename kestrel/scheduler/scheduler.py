@@ -12,6 +12,7 @@ num_computed_tokens > 0, and a preempted request restarts from 0 (recompute).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 from kestrel.config import SchedulerConfig
@@ -20,6 +21,8 @@ from kestrel.outputs import ModelOutput
 from kestrel.request import Request, RequestStatus
 from kestrel.scheduler.output import CachedRequestData, NewRequestData, SchedulerOutput
 from kestrel.scheduler.policy import WaitingQueue, pick_victim
+from kestrel.scheduler.reservation import KVProjection
+from kestrel.utils.math import cdiv
 
 
 class Scheduler:
@@ -114,7 +117,7 @@ class Scheduler:
         # 2) Waiting requests, in rank order, while budget, seats and blocks last. After a
         # preemption this step, admitting others would only thrash.
         self._adapt_token_ratio(preempted_now)
-        free_tokens: int | None = None  # computed on the first admission attempt
+        projection: KVProjection | None = None  # built on the first admission attempt
         new_reqs: list[NewRequestData] = []
         while not preempted_now and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting.peek()
@@ -130,16 +133,18 @@ class Scheduler:
                 break
             num_new = min(num_new, budget)
             # NOTE: a request admitted now that later forces a preemption costs a full
-            # recompute; keep room for the growth of those already running. With nothing
+            # recompute; admit only if the projected KV footprint fits. With nothing
             # running there is nothing to protect (and refusing could stall forever).
-            need = num_new + self._future_tokens(request, num_new + num_hit)
-            if free_tokens is None:
-                free_tokens = self._unreserved_tokens()
-            if self.running and need > free_tokens:
-                break
+            if self.config.new_token_ratio > 0.0:
+                if projection is None:
+                    projection = self._projection()
+                growth = self._expected_growth(request)
+                if not projection.try_add(*growth):
+                    if self.running:
+                        break
+                    projection.add(*growth)
             if self.kv.allocate_slots(request, num_new, hit_blocks, num_hit) is None:
                 break
-            free_tokens -= need
             self.waiting.pop()
             request.num_computed_tokens = num_hit
             if request.num_cached_tokens < 0:
@@ -161,21 +166,31 @@ class Scheduler:
         else:
             self.new_token_ratio = max(self._min_token_ratio, self.new_token_ratio - 0.001)
 
-    def _future_tokens(self, request: Request, num_cached: int) -> int:
-        """Tokens `request` may still add to the cache beyond `num_cached`: the rest of its
-        prompt in full, its remaining output scaled by new_token_ratio."""
-        final = request.num_prompt_tokens + (request.sampling_params.max_tokens or 0)
-        final = min(final, self.config.max_model_len or final)
-        prompt_left = max(request.num_prompt_tokens - num_cached, 0)
-        output_left = max(final - max(num_cached, request.num_prompt_tokens), 0)
-        return prompt_left + int(output_left * self.new_token_ratio)
+    def _expected_growth(self, request: Request) -> tuple[int, int]:
+        """(KV slots it holds once its known tokens are in, steps until it ends) for the
+        projection. A request that can only end by length grows by exactly its remaining
+        max_tokens; one that may stop early by that share scaled by new_token_ratio."""
+        params = request.sampling_params
+        max_len = self.config.max_model_len
+        final = request.num_prompt_tokens + (params.max_tokens or max_len or 0)
+        final = min(final, max_len or final)
+        output_left = max(final - request.num_tokens, 0)
+        if request.stop_id_set or params.stop:
+            output_left = math.ceil(output_left * self.new_token_ratio)
+        # A prompt still in chunks ends later by the steps its chunks take, less the last
+        # one, which also samples.
+        to_compute = request.num_tokens - request.num_computed_tokens
+        chunks_left = max(cdiv(to_compute, self.config.max_num_batched_tokens) - 1, 0)
+        # NOTE: padded so that the request ends holding whole blocks (see KVProjection).
+        pad = -(request.num_tokens + output_left) % self.kv.block_size
+        return request.num_tokens + pad, output_left + chunks_left
 
-    def _unreserved_tokens(self) -> int:
-        """Free KV slots minus what running requests are expected to still need."""
-        free = self.kv.num_free_blocks * self.kv.block_size
-        if self.new_token_ratio <= 0.0:
-            return free
-        return free - sum(self._future_tokens(r, r.num_computed_tokens) for r in self.running)
+    def _projection(self) -> KVProjection:
+        bs = self.kv.block_size
+        projection = KVProjection(self.kv.num_blocks * bs, slack=bs - 1)
+        for request in self.running:
+            projection.add(*self._expected_growth(request))
+        return projection
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
