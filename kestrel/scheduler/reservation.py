@@ -23,18 +23,20 @@ Must not touch requests or the KV manager: it works on (tokens now, steps left) 
 from __future__ import annotations
 
 import bisect
+from collections.abc import Iterable
 
 
 class KVProjection:
     """Requests as (tokens held now, steps until they end); `try_add` admits if it fits."""
 
-    def __init__(self, capacity: int, slack: int = 0) -> None:
+    def __init__(self, capacity: int, slack: int = 0,
+                 requests: Iterable[tuple[int, int]] = ()) -> None:
         self.capacity = capacity  # KV slots of the whole cache
         # Slots a request may hold beyond its tokens before it ends (block_size - 1: its
         # last block is partly filled); at its end it holds exactly the tokens given.
         self.slack = slack
         # Sorted by steps left, descending, stored negated for bisect: (-steps, tokens).
-        self._items: list[tuple[int, int]] = []
+        self._items = sorted((-steps, tokens) for tokens, steps in requests)
 
     def add(self, tokens: int, steps: int) -> None:
         bisect.insort(self._items, (-steps, tokens))

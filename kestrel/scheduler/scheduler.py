@@ -187,10 +187,8 @@ class Scheduler:
 
     def _projection(self) -> KVProjection:
         bs = self.kv.block_size
-        projection = KVProjection(self.kv.num_blocks * bs, slack=bs - 1)
-        for request in self.running:
-            projection.add(*self._expected_growth(request))
-        return projection
+        return KVProjection(self.kv.num_blocks * bs, bs - 1,
+                            map(self._expected_growth, self.running))
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
