@@ -73,6 +73,16 @@ def test_forced_preemption_equals_none(path, reference):
     assert llm.engine.kv.usage == 0.0
 
 
+def test_known_lengths_in_a_tight_cache_never_preempt(path, reference):
+    # The same tight cache with the default admission: every request ends by length
+    # (ignore_eos), so the projected KV footprint is exact and nothing is ever preempted.
+    llm = LLM(path, dtype="float32", block_size=4, num_blocks=24, max_model_len=96,
+              enable_prefix_caching=False)
+    assert tokens(llm, PROMPTS) == [reference[i] for i in range(len(PROMPTS))]
+    assert llm.engine.scheduler.num_preemptions == 0
+    assert llm.engine.kv.usage == 0.0
+
+
 def test_seeded_sampling_ignores_batch_and_preemption(path):
     params = [SamplingParams(temperature=0.9, top_p=0.95, max_tokens=20, ignore_eos=True,
                              seed=100 + i) for i in range(len(PROMPTS))]
